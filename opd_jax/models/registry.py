@@ -1,0 +1,41 @@
+"""Networks chosen by name from `config.model` (a small registry, big_vision style).
+
+Each entry builds an NNX module from the config section plus the LoRA settings, and
+`build_model` splits it into (graphdef, base params, adapter params) as pure dicts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax.numpy as jnp
+from flax import nnx
+
+from opd_jax.models.dit import DiT
+from opd_jax.models.lora import split_model
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def _dit(cfg, rngs, lora) -> nnx.Module:
+  return DiT(latent_size=cfg.latent_size, latent_channels=cfg.latent_channels,
+             patch_size=cfg.patch_size, dim=cfg.dim, depth=cfg.depth, num_heads=cfg.num_heads,
+             mlp_ratio=cfg.mlp_ratio, context_dim=cfg.context_dim, pooled_dim=cfg.pooled_dim,
+             rngs=rngs, dtype=DTYPES[cfg.dtype], **lora)
+
+
+MODELS: dict[str, Callable[..., nnx.Module]] = {'dit': _dit}
+
+
+def make_module(model_cfg, *, seed: int, lora_rank: int, lora_alpha: float,
+                lora_init: str = 'gaussian') -> nnx.Module:
+  if model_cfg.name not in MODELS:
+    raise ValueError(f'config.model.name: unknown model {model_cfg.name!r}; '
+                     f'choose one of {sorted(MODELS)}')
+  lora = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, lora_init=lora_init)
+  return MODELS[model_cfg.name](model_cfg, nnx.Rngs(seed), lora)
+
+
+def build_model(model_cfg, **kwargs) -> tuple[Any, nnx.State, nnx.State]:
+  """(graphdef, base State, adapter State); States keep logical-axis metadata for sharding."""
+  return split_model(make_module(model_cfg, **kwargs))

@@ -1,0 +1,36 @@
+"""Classifier-free guidance (spec §2): v = v_uncond + w·(v_cond − v_uncond).
+
+Conditioning is a dict pytree ({'context', 'pooled', optionally 'context_mask'}) with a leading
+batch axis; the unconditional branch is the empty-prompt embedding broadcast to the batch. Both
+branches run as one network call on a 2B batch, as diffusers does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+Cond = dict[str, jax.Array]
+VelocityFn = Callable[[jax.Array, jax.Array, Cond], jax.Array]
+
+
+def guided_velocity(velocity_fn: VelocityFn, x: jax.Array, timestep: jax.Array, cond: Cond,
+                    uncond: Cond | None, cfg_scale: Any) -> jax.Array:
+  """CFG velocity in float32. `uncond=None` means no guidance (the CFG-free w = 1 case).
+
+  `cfg_scale` may be a traced scalar (per-teacher scales selected inside jit); with a traced
+  scale both branches always run, which keeps shapes static.
+  """
+  if uncond is None:
+    return velocity_fn(x, timestep, cond).astype(jnp.float32)
+  both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
+  v = velocity_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([timestep, timestep]), both)
+  v_cond, v_uncond = jnp.split(v.astype(jnp.float32), 2, axis=0)
+  return v_uncond + jnp.asarray(cfg_scale, jnp.float32) * (v_cond - v_uncond)
+
+
+def broadcast_uncond(negative: Cond, batch_size: int) -> Cond:
+  """Tiles a single empty-prompt embedding (leading axis 1) to the batch."""
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (batch_size,) + x.shape[1:]), negative)

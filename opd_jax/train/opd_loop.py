@@ -1,0 +1,78 @@
+"""The OPD training loop: rounds, logging, checkpoints and resume.
+
+`train_opd(config, workdir)` is what `opd_jax.main` calls; tests and notebooks call it directly.
+The host reads metrics only on log and checkpoint steps, so rounds are dispatched back to back.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from opd_jax.config_validation import validate_opd_config
+from opd_jax.data.prompt_source import RandomEmbeddingPrompts
+from opd_jax.parallel.mesh import batch_axis_size, make_mesh
+from opd_jax.train.checkpoint import Checkpointer
+from opd_jax.train.metric_writer import MetricWriter, flatten_metrics
+from opd_jax.train.opd_setup import build_opd, device_batch
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN/inf; training stops before anything is checkpointed."""
+
+
+def make_prompt_source(config, batch_per_task: int):
+  d, m = config.data, config.model
+  if d.source == 'random_embeddings':
+    return RandomEmbeddingPrompts(len(d.tasks), d.num_prompts, d.context_length, m.context_dim,
+                                  m.pooled_dim, batch_per_task, seed=config.seed)
+  raise ValueError(f'config.data.source: unknown prompt source {d.source!r}; '
+                   'expected random_embeddings')
+
+
+def train_opd(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> dict:
+  """Runs (or resumes) OPD rounds until config.train.num_rounds; returns the last metrics."""
+  validate_opd_config(config)
+  mesh = mesh or make_mesh(config.mesh.shape.to_dict())
+  batch_per_task = config.data.prompts_per_device * batch_axis_size(mesh)
+  source = make_prompt_source(config, batch_per_task)
+  setup = build_opd(config, mesh, source.negative())
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints,
+                      async_save=config.train.async_checkpoints)
+  if ckpt.latest_step() is not None:
+    state, _, position = ckpt.restore(setup.abstract_state)
+    source.set_position(position)
+    logging.info('resumed from step %d in %s', int(state.step), ckpt.directory)
+  else:
+    state = setup.init_state()
+  start = int(jax.device_get(state.step))
+  teacher_index = np.arange(len(config.data.tasks), dtype=np.int32)
+  names = {'kl_per_task': list(config.data.tasks),
+           'kl_per_step': [str(j) for j in range(setup.spec.num_train_steps)]}
+  writer = MetricWriter(workdir)
+  metrics = {}
+  try:
+    for step in tqdm(range(start, config.train.num_rounds), initial=start,
+                     total=config.train.num_rounds, desc='opd', disable=jax.process_index() != 0):
+      batch = device_batch(mesh, source.next_batch(), teacher_index)
+      state, metrics = setup.round_fn(state, setup.frozen, batch)
+      done = step + 1
+      is_ckpt = done % config.train.checkpoint_every == 0 or done == config.train.num_rounds
+      if done % config.train.log_every == 0 or is_ckpt:
+        scalars = flatten_metrics(jax.device_get(metrics), names)
+        if not math.isfinite(scalars['loss']):
+          raise NonFiniteLossError(f'loss is {scalars["loss"]} at round {done}; stopping without '
+                                   'saving (check optimizer.lr and the teachers)')
+        writer.write(done, scalars)
+      if is_ckpt:
+        ckpt.save(done, state, config.to_dict(), source.get_position())
+  finally:
+    ckpt.close()
+    writer.close()
+  return jax.device_get(metrics)

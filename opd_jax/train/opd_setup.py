@@ -1,0 +1,155 @@
+"""Builds everything an OPD run needs from a config: model, frozen pytree, state, shardings.
+
+Kept apart from the loop so tests and notebooks can build the same pieces and call the jitted
+round directly (e.g. to compare a 4×2 mesh with one device).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from opd_jax.config_validation import num_train_steps
+from opd_jax.models.lora import stack_adapters
+from opd_jax.models.policy import Policy
+from opd_jax.models.registry import build_model
+from opd_jax.objectives.per_step_kl import KernelSpec
+from opd_jax.parallel import sharding as shd
+from opd_jax.sampling.schedule import flow_match_sigmas
+from opd_jax.train.opd_step import RoundSpec, make_round_fn
+from opd_jax.train.state import TrainState, create_train_state, make_optimizer
+
+
+@dataclasses.dataclass
+class OPDSetup:
+  spec: RoundSpec
+  tx: optax.GradientTransformation
+  frozen: dict
+  frozen_shardings: dict
+  state_shardings: Any
+  init_state: Any          # callable () → TrainState, jitted with out_shardings
+  abstract_state: Any      # ShapeDtypeStructs with shardings (restore target)
+  round_fn: Any            # the jitted round (state, frozen, batch) → (state, metrics)
+  mesh: Mesh
+
+
+def random_teacher_adapters(model_cfg, lora_template: nnx.State, num: int, seed: int,
+                            scale: float) -> list[dict]:
+  """Seeded stand-in teacher adapters with non-zero B (so each teacher differs from the base)."""
+  out = []
+  for k in range(num):
+    key = jax.random.PRNGKey(seed + 1000 + k)
+    leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(lora_template))
+    keys = jax.random.split(key, len(leaves))
+    out.append(jax.tree.unflatten(treedef, [
+        jax.random.normal(kk, x.shape, jnp.float32) * scale for kk, x in zip(keys, leaves)]))
+  return out
+
+
+def round_spec(config, policy: Policy) -> RoundSpec:
+  m, r, o = config.model, config.rollout, config.objective
+  return RoundSpec(
+      policy=policy,
+      sigmas=tuple(float(s) for s in flow_match_sigmas(r.num_steps, r.shift)),
+      latent_shape=(m.latent_size, m.latent_size, m.latent_channels),
+      kernel=KernelSpec(r.kernel, float(r.noise_level)),
+      student_cfg=float(r.cfg_scale),
+      num_train_steps=num_train_steps(config),
+      objective=o.name, reduction=o.reduction, normaliser=o.sde_normaliser,
+      time_reduction=o.time_reduction, num_microbatches=o.num_microbatches,
+      timestep_chunks=o.timestep_chunks, ema_max_decay=config.ema.max_decay,
+      ema_every=config.ema.every, logprob_reduction=r.logprob_reduction)
+
+
+def build_opd(config, mesh: Mesh, negative: dict, *, base_params: dict | None = None,
+              teachers: list[dict] | None = None) -> OPDSetup:
+  """Model, frozen pytree (base + stacked teachers + CFG scales + empty-prompt embedding),
+  train-state factory and the jitted round, all sharded over `mesh`.
+
+  Args:
+    base_params: pure-dict base weights (default: the seeded random init).
+    teachers: per-task teacher parameter pytrees (adapters, or full weights when
+      teachers.kind == 'full'); default: seeded random stand-ins.
+  """
+  m = config.model
+  graphdef, base_state, lora_state = build_model(
+      m, seed=config.seed, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
+      lora_init=m.lora_init)
+  policy = Policy(graphdef, config.student.kind, config.teachers.kind)
+  base = nnx.to_pure_dict(base_state) if base_params is None else base_params
+  num_tasks = len(config.data.tasks)
+  if teachers is None:
+    if config.teachers.kind == 'lora':
+      teachers = random_teacher_adapters(m, lora_state, num_tasks, config.seed,
+                                         config.teachers.random_scale)
+    else:
+      teachers = [jax.tree.map(lambda x, k=k: x + config.teachers.random_scale *
+                               jax.random.normal(jax.random.PRNGKey(config.seed + 1000 + k),
+                                                 x.shape), base) for k in range(num_tasks)]
+  if len(teachers) != num_tasks:
+    raise ValueError(f'{len(teachers)} teachers for {num_tasks} tasks')
+
+  base_sh = shd.state_shardings(base_state, mesh)
+  lora_sh = shd.state_shardings(lora_state, mesh)
+  teacher_state = lora_state if config.teachers.kind == 'lora' else base_state
+  rep = shd.replicated(mesh)
+  frozen = {
+      'base': base,
+      'teachers': stack_adapters(teachers),
+      'teacher_cfg': jnp.asarray(config.teachers.cfg_scales, jnp.float32),
+      'negative': jax.tree.map(jnp.asarray, negative),
+  }
+  frozen_sh = {
+      'base': base_sh,
+      'teachers': shd.state_shardings(teacher_state, mesh, leading=1),
+      'teacher_cfg': rep,
+      'negative': jax.tree.map(lambda _: rep, negative),
+  }
+  frozen = jax.device_put(frozen, frozen_sh)
+
+  if config.student.kind == 'lora':
+    student_init, student_sh = nnx.to_pure_dict(lora_state), lora_sh
+  else:
+    student_init, student_sh = base, base_sh
+  tx = make_optimizer(config.optimizer)
+  abstract = jax.eval_shape(lambda: create_train_state(student_init, tx, config.seed))
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, student_sh,
+                                 transform_non_params=lambda _: rep)
+  state_sh = TrainState(step=rep, params=student_sh, opt_state=opt_sh, ema_params=student_sh,
+                        rng=rep)
+  init_state = jax.jit(lambda: create_train_state(student_init, tx, config.seed),
+                       out_shardings=state_sh)
+  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                abstract, state_sh)
+
+  spec = round_spec(config, policy)
+  batch_sh = {'cond': jax.tree.map(lambda x: shd.batch_sharding(mesh, np.ndim(x) + 1, 1),
+                                   negative),
+              'teacher': rep}
+  metrics_sh = rep
+  round_fn = jax.jit(make_round_fn(spec, tx),
+                     in_shardings=(state_sh, frozen_sh, batch_sh),
+                     out_shardings=(state_sh, metrics_sh), donate_argnums=(0,))
+  return OPDSetup(spec, tx, frozen, frozen_sh, state_sh, init_state, abstract_state, round_fn,
+                  mesh)
+
+
+def device_batch(mesh: Mesh, cond: dict, teacher: np.ndarray) -> dict:
+  """Host batch ([M, B_global, ...] on every process) → global arrays sharded over the batch.
+
+  Each process contributes the slice of the batch that its devices own, so the same code runs
+  on one host and on multi-host meshes.
+  """
+  def put(x):
+    x = np.asarray(x)
+    sharding = shd.batch_sharding(mesh, x.ndim, 1)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return {'cond': jax.tree.map(put, cond),
+          'teacher': jax.device_put(jnp.asarray(teacher, jnp.int32), shd.replicated(mesh))}

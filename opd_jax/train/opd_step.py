@@ -1,0 +1,156 @@
+"""One DiffusionOPD round as a single jitted, pure function (spec §1–§3, §5).
+
+For each task m (a `lax.scan`, so the teacher index is traced and nothing recompiles):
+  1. roll the student out with its own CFG, no gradient (`rollout`);
+  2. at every trained state x_j, the task's teacher gives its mean with its own CFG, detached;
+  3. the objective's per-step terms are differentiated w.r.t. the student parameters and the
+     gradient is accumulated into one float32 buffer.
+Task losses are averaged; the round ends with one AdamW step and the masked EMA update.
+Micro-batches (per task) and chunks of timesteps are further `lax.scan`s that add into the same
+buffer — no second copy of the optimizer state, unlike optax.MultiSteps.
+
+    total loss = (1/M) Σ_m (1/B) Σ_b R_j KL_j(b),   R_j = Σ_j or mean_j over trained steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from opd_jax.models.policy import Policy
+from opd_jax.objectives import get_objective
+from opd_jax.objectives.per_step_kl import KernelSpec
+from opd_jax.sampling.guidance import broadcast_uncond
+from opd_jax.sampling.rollout import rollout
+from opd_jax.train.state import TrainState, ema_update
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundSpec:
+  """Everything static about a round (closed over by jit; hashable)."""
+  policy: Policy
+  sigmas: tuple[float, ...]
+  latent_shape: tuple[int, ...]
+  kernel: KernelSpec
+  student_cfg: float
+  num_train_steps: int              # the first T transitions are trained
+  objective: str = 'analytic'
+  reduction: str = 'mean'
+  normaliser: str = 'recipe'
+  time_reduction: str = 'mean'
+  num_microbatches: int = 1
+  timestep_chunks: int = 1
+  ema_max_decay: float = 0.9
+  ema_every: int = 8
+  logprob_reduction: str = 'mean'
+
+
+def sample_keys(rng: jax.Array, step: jax.Array, task: jax.Array, batch: int) -> jax.Array:
+  """Per-sample keys [B, 2] from (round, task, sample index): independent of the device count."""
+  base = jax.random.fold_in(jax.random.fold_in(rng, step), task)
+  return jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(batch))
+
+
+def _split_microbatches(tree: Any, n: int) -> Any:
+  """[B, ...] → [n, B/n, ...] taking every n-th sample, so each shard keeps its share."""
+  def split(x):
+    return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
+  return jax.tree.map(split, tree)
+
+
+def task_loss_and_grad(spec: RoundSpec, params: Any, frozen: dict, cond: dict,
+                       teacher: jax.Array, keys: jax.Array):
+  """Rollout + teacher scoring + gradient for one micro-batch of one task.
+
+  Returns (grad, kl [T, B]) with grad already scaled by this micro-batch's share of the
+  task loss (1/B_mb per sample before micro-batch/task averaging).
+  """
+  policy = spec.policy
+  batch = keys.shape[0]
+  uncond = broadcast_uncond(frozen['negative'], batch)
+  with jax.named_scope('rollout'):
+    traj = rollout(policy.student_velocity(jax.lax.stop_gradient(params), frozen), cond, uncond,
+                   keys, sigmas=np.asarray(spec.sigmas, np.float32),
+                   latent_shape=spec.latent_shape, kernel=spec.kernel.kernel,
+                   noise_level=spec.kernel.noise_level, cfg_scale=spec.student_cfg,
+                   logprob_reduction=spec.logprob_reduction)
+  teacher_velocity = policy.teacher_velocity(teacher, frozen, params)
+  teacher_cfg = frozen['teacher_cfg'][teacher]
+  objective = get_objective(spec.objective)
+  steps = jnp.arange(spec.num_train_steps).reshape(spec.timestep_chunks, -1)
+  weight = 1.0 / batch / (spec.num_train_steps if spec.time_reduction == 'mean' else 1)
+
+  def chunk(grad_acc, step_idx):
+    def loss_fn(p):
+      with jax.named_scope('teacher_and_loss'):
+        terms, kl = objective(policy.student_velocity(p, frozen), teacher_velocity, traj,
+                              step_idx, cond, uncond, student_cfg=spec.student_cfg,
+                              teacher_cfg=teacher_cfg, spec=spec.kernel,
+                              reduction=spec.reduction, normaliser=spec.normaliser)
+      return jnp.sum(terms) * weight, kl
+    (_, kl), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return jax.tree.map(jnp.add, grad_acc, g), kl
+
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+  grad, kl = jax.lax.scan(chunk, zeros, steps)
+  return grad, kl.reshape((spec.num_train_steps, batch))
+
+
+def opd_round(spec: RoundSpec, tx: optax.GradientTransformation, state: TrainState,
+              frozen: dict, batch: dict) -> tuple[TrainState, dict]:
+  """One round: every task's student rollout, teacher scoring and gradient, then one update.
+
+  Args:
+    state: the TrainState (donated by the jitted caller).
+    frozen: {'base', 'teachers' (stacked [K, ...]), 'teacher_cfg' [K], 'negative' (cond, B=1)}.
+    batch: {'cond': conditioning with leading [M, B], 'teacher': int32 [M] teacher per task}.
+  Returns:
+    (new state, metrics) with metrics a flat dict of arrays.
+  """
+  num_tasks = batch['teacher'].shape[0]
+  nmb = spec.num_microbatches
+
+  def task_body(grad_acc, inputs):
+    m, cond, teacher = inputs
+    global_batch = jax.tree.leaves(cond)[0].shape[0]
+    keys = sample_keys(state.rng, state.step, m, global_batch)
+    mb = _split_microbatches((cond, keys), nmb)
+
+    def micro(acc, xs):
+      cond_mb, keys_mb = xs
+      g, kl = task_loss_and_grad(spec, state.params, frozen, cond_mb, teacher, keys_mb)
+      return jax.tree.map(lambda a, b: a + b / (nmb * num_tasks), acc, g), kl
+
+    grad_acc, kl = jax.lax.scan(micro, grad_acc, mb)     # kl [nmb, T, B/nmb]
+    return grad_acc, jnp.moveaxis(kl, 0, 1).reshape(spec.num_train_steps, -1)
+
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.params)
+  grads, kl = jax.lax.scan(task_body, zeros,
+                           (jnp.arange(num_tasks), batch['cond'], batch['teacher']))
+  # kl: [M, T, B]
+  with jax.named_scope('update'):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+    ema, decay = ema_update(state.ema_params, params, step, spec.ema_max_decay, spec.ema_every)
+  per_sample = (jnp.sum(kl, axis=1) if spec.time_reduction == 'sum' else jnp.mean(kl, axis=1))
+  metrics = {
+      'loss': jnp.mean(per_sample),
+      'kl_per_task': jnp.mean(per_sample, axis=1),
+      'kl_per_step': jnp.mean(kl, axis=(0, 2)),
+      'grad_norm': optax.global_norm(grads),
+      'param_norm': optax.global_norm(params),
+      'ema_decay': decay,
+  }
+  new_state = state.replace(step=step, params=params, opt_state=opt_state, ema_params=ema)
+  return new_state, metrics
+
+
+def make_round_fn(spec: RoundSpec, tx: optax.GradientTransformation) -> Callable:
+  """The un-jitted pure round function (state, frozen, batch) → (state, metrics)."""
+  return lambda state, frozen, batch: opd_round(spec, tx, state, frozen, batch)
