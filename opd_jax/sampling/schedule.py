@@ -1,12 +1,11 @@
 """Flow-matching sigma schedule (spec §2), identical to diffusers' FlowMatchEulerDiscreteScheduler.
 
-diffusers builds the schedule in float32 numpy as
-    timesteps = linspace(sigma_to_t(sigma_max), sigma_to_t(sigma_min), N) with sigma_max = 1 and
-    sigma_min = 1/num_train_timesteps (the training sigmas are linspace(1, 1/1000, 1000)),
-    sigmas = timesteps / num_train_timesteps,
-    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas),
-and appends a trailing 0. We reproduce that arithmetic in numpy float32 so the schedule is a
-static host constant (it fixes shapes and is baked into the jitted sampler).
+diffusers first shifts its 1000 training sigmas linspace(1, 1/1000) in float32 and keeps their
+ends (sigma_max = 1, sigma_min = shifted 1/1000); `set_timesteps(N)` then takes
+    timesteps = linspace(1000·sigma_max, 1000·sigma_min, N)          (float64)
+    sigmas = shift(timesteps / 1000),  shift(σ) = s·σ / (1 + (s − 1)·σ)
+— the shift is applied a second time — casts to float32 and appends a trailing 0. We repeat that
+arithmetic in numpy so the schedule is a static host constant baked into the jitted sampler.
 """
 
 from __future__ import annotations
@@ -30,10 +29,11 @@ def flow_match_sigmas(num_steps: int, shift: float = 1.0,
   if shift <= 0:
     raise ValueError(f'shift must be > 0, got {shift}')
   n = num_train_timesteps
-  train_sigmas = np.linspace(1, n, n, dtype=np.float32)[::-1].copy() / n
-  sigma_max, sigma_min = train_sigmas[0], train_sigmas[-1]
-  timesteps = np.linspace(sigma_max * n, sigma_min * n, num_steps).astype(np.float32)
-  sigmas = (timesteps / n).astype(np.float32)
+  train = np.linspace(1, n, n, dtype=np.float32)[::-1] / np.float32(n)
+  train = (np.float32(shift) * train / (1 + np.float32(shift - 1) * train)).astype(np.float32)
+  sigma_max, sigma_min = float(train[0]), float(train[-1])
+  timesteps = np.linspace(sigma_max * n, sigma_min * n, num_steps)
+  sigmas = timesteps / n
   sigmas = (shift * sigmas / (1 + (shift - 1) * sigmas)).astype(np.float32)
   return np.concatenate([sigmas, np.zeros(1, np.float32)])
 
