@@ -1,6 +1,12 @@
-"""Entry point: python -m opd_jax.main --config=configs/opd.py --workdir=DIR [--config.x.y=v]."""
+"""Entry point: python -m opd_jax.main --config=configs/opd.py --workdir=DIR [--config.x.y=v].
 
-from absl import app, flags
+Bad input (an invalid config field, a missing or corrupt checkpoint, a NaN loss) ends the run
+with one line on stderr and exit status 1, never with a half-written checkpoint.
+"""
+
+import sys
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.py file.',
@@ -12,11 +18,19 @@ _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
 
 def main(argv):
   del argv
+  # Orbax logs every file it renames at INFO; progress bars and metrics.jsonl say what matters.
+  logging.set_verbosity(logging.WARNING)
   import jax  # after flag parsing, so --help is fast
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  from opd_jax.train.opd_loop import train_opd
-  train_opd(_CONFIG.value, _WORKDIR.value)
+  from opd_jax.config_validation import ConfigError
+  from opd_jax.train.checkpoint import CheckpointError
+  from opd_jax.train.opd_loop import NonFiniteLossError, train_opd
+  try:
+    train_opd(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, CheckpointError, NonFiniteLossError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -75,7 +75,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, Any] = DEF
   train-state pytree. `leading` extra unnamed leading axes are allowed (e.g. the teacher-slot
   axis of stacked adapters); they stay replicated.
   """
-  flat = [(path, _leaf_sharding(v, mesh, rules, leading)) for path, v in state.flat_state()]
+  flat = [(path, _leaf_sharding(v, mesh, rules, leading)) for path, v in nnx.to_flat_state(state)]
   out: dict = {}
   for path, sharding in flat:
     node = out

@@ -12,7 +12,6 @@ import os
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 from tqdm import tqdm
 
 from opd_jax.config_validation import validate_opd_config
@@ -36,8 +35,12 @@ def make_prompt_source(config, batch_per_task: int):
                    'expected random_embeddings')
 
 
-def train_opd(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> dict:
-  """Runs (or resumes) OPD rounds until config.train.num_rounds; returns the last metrics."""
+def train_opd(config: ml_collections.ConfigDict, workdir: str, mesh=None):
+  """Runs (or resumes) OPD rounds until config.train.num_rounds.
+
+  Returns:
+    (final TrainState, last logged metrics), both on the host.
+  """
   validate_opd_config(config)
   mesh = mesh or make_mesh(config.mesh.shape.to_dict())
   batch_per_task = config.data.prompts_per_device * batch_axis_size(mesh)
@@ -48,7 +51,8 @@ def train_opd(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> dic
   if ckpt.latest_step() is not None:
     state, _, position = ckpt.restore(setup.abstract_state)
     source.set_position(position)
-    logging.info('resumed from step %d in %s', int(state.step), ckpt.directory)
+    if jax.process_index() == 0:
+      print(f'resumed from round {int(state.step)} in {ckpt.directory}', flush=True)
   else:
     state = setup.init_state()
   start = int(jax.device_get(state.step))
@@ -75,4 +79,4 @@ def train_opd(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> dic
   finally:
     ckpt.close()
     writer.close()
-  return jax.device_get(metrics)
+  return jax.device_get(state), jax.device_get(metrics)

@@ -143,8 +143,8 @@ def opd_round(spec: RoundSpec, tx: optax.GradientTransformation, state: TrainSta
       'loss': jnp.mean(per_sample),
       'kl_per_task': jnp.mean(per_sample, axis=1),
       'kl_per_step': jnp.mean(kl, axis=(0, 2)),
-      'grad_norm': optax.global_norm(grads),
-      'param_norm': optax.global_norm(params),
+      'grad_norm': optax.tree.norm(grads),
+      'param_norm': optax.tree.norm(params),
       'ema_decay': decay,
   }
   new_state = state.replace(step=step, params=params, opt_state=opt_state, ema_params=ema)
