@@ -1,0 +1,65 @@
+"""Config validation fails fast with one message naming the field; the CLI exits non-zero."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs.opd import get_config
+from opd_jax.config_validation import ConfigError, validate_opd_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_default_and_smoke_configs_are_valid():
+  validate_opd_config(get_config())
+  validate_opd_config(get_config('smoke'))
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('rollout.kernel', 'heun', 'config.rollout.kernel'),
+    ('rollout.num_steps', 0, 'config.rollout.num_steps'),
+    ('rollout.noise_level', -0.1, 'config.rollout.noise_level'),
+    ('objective.reduction', 'max', 'config.objective.reduction'),
+    ('objective.sde_normaliser', 'other', 'config.objective.sde_normaliser'),
+    ('objective.timestep_fraction', 0.05, 'config.objective.timestep_fraction'),
+    ('objective.timestep_chunks', 4, 'config.objective.timestep_chunks'),
+    ('objective.num_microbatches', 2, 'config.objective.num_microbatches'),
+    ('objective.name', 'ppo', 'config.objective.name'),
+    ('optimizer.lr', -1.0, 'config.optimizer.lr'),
+    ('optimizer.b2', 1.0, 'config.optimizer.b2'),
+    ('ema.max_decay', 1.5, 'config.ema.max_decay'),
+    ('model.num_heads', 5, 'config.model.num_heads'),
+    ('model.patch_size', 3, 'config.model.patch_size'),
+    ('model.dtype', 'int8', 'config.model.dtype'),
+    ('model.lora_rank', 0, 'config.model.lora_rank'),
+    ('student.kind', 'qlora', 'config.student.kind'),
+    ('teachers.cfg_scales', (4.5,), 'config.teachers.cfg_scales'),
+    ('train.checkpoint_every', 0, 'config.train.checkpoint_every'),
+])
+def test_bad_values_name_the_field(field, value, message):
+  c = get_config()
+  section, leaf = field.split('.')
+  c[section][leaf] = value
+  with pytest.raises(ConfigError, match=message.replace('.', r'\.')):
+    validate_opd_config(c)
+
+
+def test_bad_mesh_shape():
+  from opd_jax.parallel.mesh import resolve_mesh_shape
+  with pytest.raises(ValueError, match='config.mesh.shape'):
+    resolve_mesh_shape({'data': 3, 'fsdp': 1}, 8)
+  with pytest.raises(ValueError, match='at most one axis'):
+    resolve_mesh_shape({'data': -1, 'fsdp': -1}, 8)
+  assert resolve_mesh_shape({'data': -1, 'fsdp': 2}, 8) == {'data': 4, 'fsdp': 2, 'tensor': 1}
+
+
+def test_cli_rejects_a_bad_override_with_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'opd_jax.main', '--config=configs/opd.py:smoke',
+       '--config.rollout.kernel=heun', f'--workdir={tmp_path}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: config.rollout.kernel')
+  assert not os.path.exists(tmp_path / 'checkpoints')
