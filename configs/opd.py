@@ -62,7 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # The objective (spec §3).
   c.objective = ml_collections.ConfigDict()
-  c.objective.name = 'analytic'
+  c.objective.name = 'analytic'     # analytic | ppo_analytic_advantage | ppo_sampled_logratio
+  c.objective.clip_range = 1e-4      # PPO-style objectives: ratio clip ε
+  c.objective.discount = 0.0         # ppo_sampled_logratio: γ of the future log-ratio sum
   c.objective.reduction = 'mean'     # over latent elements: 'sum' (paper) or 'mean' (recipe)
   c.objective.sde_normaliser = 'recipe'  # 'paper': σ_t²|Δt|; 'recipe': σ_t²
   c.objective.timestep_fraction = 0.99   # first int(N·fraction) steps are trained (9 of 10)

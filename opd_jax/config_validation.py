@@ -72,6 +72,13 @@ def validate_opd_config(c) -> None:
          f'trains no step: int({r.num_steps} × {o.timestep_fraction}) = 0')
   _check(o.timestep_chunks >= 1 and trained % o.timestep_chunks == 0, 'objective.timestep_chunks',
          f'{o.timestep_chunks} does not divide the {trained} trained steps')
+  if o.name.startswith('ppo'):
+    _check(r.kernel != 'ode' and r.noise_level > 0, 'objective.name',
+           f'{o.name} needs a stochastic sampler (rollout.kernel an SDE, noise_level > 0)')
+  _check(o.clip_range > 0, 'objective.clip_range', f'must be > 0, got {o.clip_range}')
+  _check(0 <= o.discount <= 1, 'objective.discount', f'must be in [0, 1], got {o.discount}')
+  _check(o.discount == 0 or o.timestep_chunks == 1, 'objective.discount',
+         'discounted advantages need all trained steps in one chunk (timestep_chunks = 1)')
   _check(o.num_microbatches >= 1, 'objective.num_microbatches', 'must be >= 1')
   _check(c.data.prompts_per_device % o.num_microbatches == 0, 'objective.num_microbatches',
          f'{o.num_microbatches} does not divide data.prompts_per_device='

@@ -27,6 +27,8 @@ def test_default_and_smoke_configs_are_valid():
     ('objective.timestep_chunks', 4, 'config.objective.timestep_chunks'),
     ('objective.num_microbatches', 2, 'config.objective.num_microbatches'),
     ('objective.name', 'ppo', 'config.objective.name'),
+    ('objective.name', 'ppo_sampled_logratio', 'config.objective.name'),
+    ('objective.discount', 2.0, 'config.objective.discount'),
     ('optimizer.lr', -1.0, 'config.optimizer.lr'),
     ('optimizer.b2', 1.0, 'config.optimizer.b2'),
     ('ema.max_decay', 1.5, 'config.ema.max_decay'),

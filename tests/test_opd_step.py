@@ -65,7 +65,9 @@ def test_full_weight_students_and_teachers(student, teacher):
   assert ('lora_a' in names) == (student == 'lora')
 
 
-def test_sde_rollout_round():
-  config = tiny_config(**{'rollout.kernel': 'flow_grpo', 'rollout.noise_level': 0.7})
+@pytest.mark.parametrize('objective', ['analytic', 'ppo_sampled_logratio'])
+def test_sde_rollout_round(objective):
+  config = tiny_config(**{'rollout.kernel': 'flow_grpo', 'rollout.noise_level': 0.7,
+                          'objective.name': objective})
   _, metrics, _ = run_rounds(config, mesh_of(1), 2, batch_per_task=2)
   assert np.isfinite([m['loss'] for m in metrics]).all()

@@ -65,7 +65,8 @@ def round_spec(config, policy: Policy) -> RoundSpec:
       objective=o.name, reduction=o.reduction, normaliser=o.sde_normaliser,
       time_reduction=o.time_reduction, num_microbatches=o.num_microbatches,
       timestep_chunks=o.timestep_chunks, ema_max_decay=config.ema.max_decay,
-      ema_every=config.ema.every, logprob_reduction=r.logprob_reduction)
+      ema_every=config.ema.every, logprob_reduction=r.logprob_reduction,
+      clip_range=o.clip_range, discount=o.discount)
 
 
 def build_opd(config, mesh: Mesh, negative: dict, *, base_params: dict | None = None,

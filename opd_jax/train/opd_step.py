@@ -48,6 +48,8 @@ class RoundSpec:
   ema_max_decay: float = 0.9
   ema_every: int = 8
   logprob_reduction: str = 'mean'
+  clip_range: float = 1e-4          # PPO-style objectives only
+  discount: float = 0.0
 
 
 def sample_keys(rng: jax.Array, step: jax.Array, task: jax.Array, batch: int) -> jax.Array:
@@ -91,7 +93,8 @@ def task_loss_and_grad(spec: RoundSpec, params: Any, frozen: dict, cond: dict,
         terms, kl = objective(policy.student_velocity(p, frozen), teacher_velocity, traj,
                               step_idx, cond, uncond, student_cfg=spec.student_cfg,
                               teacher_cfg=teacher_cfg, spec=spec.kernel,
-                              reduction=spec.reduction, normaliser=spec.normaliser)
+                              reduction=spec.reduction, normaliser=spec.normaliser,
+                              clip_range=spec.clip_range, discount=spec.discount)
       return jnp.sum(terms) * weight, kl
     (_, kl), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return jax.tree.map(jnp.add, grad_acc, g), kl
