@@ -1,0 +1,28 @@
+"""Mini world baseline: cascade RL, the three tasks one after another (spec §6, "Cascade NFT").
+
+    opd_jax.train.rl.run_rl(get_config('nft'), 'runs/mini/cascade', base_dir)
+    (config string configs/mini/cascade_rl.py:nft; no CLI entry point for the stages yet)
+
+Argument: the algorithm, 'nft' (the paper's Cascade NFT) or 'grpo'; append ',smoke' for the
+test variant. One adapter trains on composition, then text, then aesthetics, an equal share of
+config.train.num_steps each (rl_setup.active_tasks); same trainer as the teachers.
+"""
+
+import ml_collections
+
+from configs.mini import common
+from configs.mini import grpo
+from configs.mini import nft
+
+
+def get_config(arg: str | None = 'nft') -> ml_collections.ConfigDict:
+  words, flags = common.parse_arg(arg)
+  algorithm = words[0] if words else 'nft'
+  if algorithm not in ('grpo', 'nft') or len(words) > 1:
+    raise ValueError(f'configs/mini/cascade_rl.py: bad argument {arg!r}; expected nft or grpo'
+                     '[,smoke]')
+  module = {'grpo': grpo, 'nft': nft}[algorithm]
+  c = module.get_config('+'.join(common.TASKS) + (',smoke' if 'smoke' in flags else ''))
+  c.schedule.mode = 'cascade'
+  c.train.num_steps = 3 if 'smoke' in flags else 2 * c.train.num_steps
+  return c

@@ -1,0 +1,31 @@
+"""Mini world baseline: joint multi-task RL over the union of the three prompt sets (spec §6).
+
+    opd_jax.train.rl.run_rl(get_config('grpo'), 'runs/mini/mt_grpo', base_dir)
+    (config string configs/mini/multitask_rl.py:grpo; no CLI entry point for the stages yet)
+
+Argument: the algorithm, 'grpo' (multi-task Flow-GRPO) or 'nft' (multi-task DiffusionNFT);
+append ',smoke' for the test variant. Every batch draws prompts_per_step / 3 prompts of each
+task, each scored by its own reward and normalised within its own group (advantage.std_scope
+'task' normalises by each task's spread). Same trainer as the single-task teachers.
+"""
+
+import ml_collections
+
+from configs.mini import common
+from configs.mini import grpo
+from configs.mini import nft
+
+
+def get_config(arg: str | None = 'grpo') -> ml_collections.ConfigDict:
+  words, flags = common.parse_arg(arg)
+  algorithm = words[0] if words else 'grpo'
+  if algorithm not in ('grpo', 'nft') or len(words) > 1:
+    raise ValueError(f'configs/mini/multitask_rl.py: bad argument {arg!r}; expected grpo or nft'
+                     '[,smoke]')
+  module = {'grpo': grpo, 'nft': nft}[algorithm]
+  c = module.get_config('+'.join(common.TASKS) + (',smoke' if 'smoke' in flags else ''))
+  c.schedule.mode = 'joint'
+  c.data.prompts_per_step = 3 * -(-c.data.prompts_per_step // 3)   # divisible by the 3 tasks
+  c.advantage.std_scope = 'task'
+  c.train.num_steps = c.train.num_steps if 'smoke' in flags else 2 * c.train.num_steps
+  return c

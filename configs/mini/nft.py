@@ -1,0 +1,75 @@
+"""Mini world, stage 1: a DiffusionNFT LoRA teacher (the composition teacher, as in the paper).
+
+    opd_jax.train.nft.run_nft(get_config('composition'), 'runs/mini/nft', base_dir)
+    (config string configs/mini/nft.py:composition; no CLI entry point for the stages yet)
+
+The argument is a task, or several joined by '+' (joint multi-task NFT); append ',smoke' for the
+test variant. CFG-free: samples and training use CFG 1.0, and so does the teacher in OPD.
+Expected on a 2-core CPU: ~25 s (40 iterations of 4 prompts × 8 images).
+"""
+
+import ml_collections
+
+from configs.mini import common
+
+
+def get_config(arg: str | None = 'composition') -> ml_collections.ConfigDict:
+  words, flags = common.parse_arg(arg)
+  tasks = tuple(words[0].split('+')) if words else ('composition',)
+  unknown = set(tasks) - set(common.TASKS)
+  if unknown or len(words) > 1:
+    raise ValueError(f'configs/mini/nft.py: bad argument {arg!r}; expected TASK[+TASK...]'
+                     f'[,smoke] with tasks from {common.TASKS}')
+  c = ml_collections.ConfigDict()
+  c.algorithm = 'nft'
+  c.seed = 0
+  c.data = common.rl_data(tasks)
+  c.data.prompts_per_step = 4       # NFT's regression signal needs fewer samples than GRPO
+  c.lora = common.lora()
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.mode = 'joint'         # 'joint' | 'cascade'
+
+  # Any sampler works (NFT needs no likelihood); the Euler ODE, CFG-free.
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.num_steps = 10
+  c.rollout.shift = 1.0
+  c.rollout.kernel = 'ode'
+  c.rollout.noise_level = 0.0
+  c.rollout.cfg_scale = 1.0         # CFG-free (must be 1.0)
+  c.rollout.sde_steps = 0            # 0: every transition uses rollout.kernel
+  c.rollout.logprob_reduction = 'mean'
+
+  c.nft = ml_collections.ConfigDict()
+  c.nft.beta = 1.0                  # implicit-policy step β in v± (DiffusionNFT's default 1)
+  c.nft.adv_clip = 5.0              # r = clip(½ + ½·A/adv_clip, 0, 1)
+  c.nft.kl_beta = 0.0               # weight of ‖v_θ − v_base‖² (0: off)
+  c.nft.timesteps_per_sample = 2    # re-noising draws of t per clean sample
+  c.nft.t_min = 0.0
+  c.nft.t_max = 1.0
+  c.nft.old_decay = 0.0             # θ_old ← η·θ_old + (1 − η)·θ after each iteration
+
+  c.advantage = ml_collections.ConfigDict()
+  c.advantage.std_scope = 'group'
+
+  c.optimizer = common.optimizer(3e-3)
+  c.ema = common.ema()
+  c.mesh = common.mesh()
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 40
+  c.train.num_minibatches = 2
+  c.train.inner_epochs = 1
+  c.train.log_every = 1
+
+  c.eval = common.evaluation()
+
+  if 'smoke' in flags:
+    c.data.dataset_config = 'small'
+    c.data.prompts_per_step = 2
+    c.data.group_size = 4
+    c.data.max_prompts = 4
+    c.rollout.num_steps = 4
+    c.lora.rank = 2
+    c.train.num_steps = 2
+  return c

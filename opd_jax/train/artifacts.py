@@ -1,0 +1,125 @@
+"""What one training stage hands to the next: the base model and LoRA teachers, on disk.
+
+Two kinds of artifact, each an Orbax PyTree checkpoint of pure-dict parameters (`params/`) plus
+a JSON description (`meta.json`) that says how to rebuild the network around them:
+
+  base      {'dit': DiT base weights, 'text_encoder': text-encoder weights}; meta holds the
+            `model`, `text_encoder` and `latent` config sections, so every later stage builds
+            exactly the architecture the base was trained with.
+  adapter   one LoRA adapter (a teacher, or a student) in the layout of the base DiT with
+            meta['lora_rank'] / meta['lora_alpha']; meta also records the task(s), the CFG
+            scale the adapter was trained with (its evaluation / teacher scale) and the stage.
+
+Loaded teachers are plain pytrees of arrays: `opd_setup.build_opd(..., base_params=base.dit,
+teachers=[load_adapter(p).params for p in paths])` stacks them as frozen teachers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+PARAMS_DIR = 'params'
+META_FILE = 'meta.json'
+
+
+def _save(directory: str, params: Any, meta: dict) -> str:
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(directory, PARAMS_DIR), jax.device_get(params), force=True)
+  ckptr.wait_until_finished()
+  ckptr.close()
+  with open(os.path.join(directory, META_FILE), 'w') as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+  return directory
+
+
+def _load(directory: str) -> tuple[Any, dict]:
+  directory = os.path.abspath(directory)
+  meta_path = os.path.join(directory, META_FILE)
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f'{meta_path} not found: {directory} is not a saved stage artifact')
+  with open(meta_path) as f:
+    meta = json.load(f)
+  ckptr = ocp.StandardCheckpointer()
+  params = ckptr.restore(os.path.join(directory, PARAMS_DIR))
+  ckptr.close()
+  # Plain numpy leaves: the caller places them with its own shardings.
+  return _int_keys(jax.tree.map(np.asarray, params)), meta
+
+
+def _int_keys(tree: Any) -> Any:
+  """Orbax stores dict keys as strings; nnx pure dicts index list entries with ints.
+
+  No nnx attribute name is a decimal string (identifiers cannot start with a digit), so every
+  all-digit key was an int and converting it back restores the exact `nnx.to_pure_dict` tree.
+  """
+  if isinstance(tree, dict):
+    return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v)
+            for k, v in tree.items()}
+  return tree
+
+
+@dataclasses.dataclass
+class BaseModel:
+  """A pretrained base: DiT weights, text-encoder weights and the configs that built them."""
+  dit: dict
+  text_encoder: dict
+  meta: dict
+
+  @property
+  def model_config(self) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(self.meta['model'])
+
+  @property
+  def text_encoder_config(self) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(self.meta['text_encoder'])
+
+  @property
+  def latent_config(self) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(self.meta['latent'])
+
+
+def save_base(directory: str, dit: Any, text_encoder: Any, meta: dict) -> str:
+  """Saves a base model; meta must hold the 'model', 'text_encoder' and 'latent' sections."""
+  missing = {'model', 'text_encoder', 'latent'} - set(meta)
+  if missing:
+    raise ValueError(f'base meta lacks {sorted(missing)}')
+  return _save(directory, {'dit': dit, 'text_encoder': text_encoder}, meta)
+
+
+def load_base(directory: str) -> BaseModel:
+  params, meta = _load(directory)
+  return BaseModel(params['dit'], params['text_encoder'], meta)
+
+
+@dataclasses.dataclass
+class Adapter:
+  """A LoRA adapter (pure dict in the base DiT's adapter layout) and its description."""
+  params: dict
+  meta: dict
+
+  @property
+  def cfg_scale(self) -> float:
+    return float(self.meta['cfg_scale'])
+
+
+def save_adapter(directory: str, adapter: Any, meta: dict) -> str:
+  """Saves a LoRA adapter; meta must hold lora_rank, lora_alpha, cfg_scale and tasks."""
+  missing = {'lora_rank', 'lora_alpha', 'cfg_scale', 'tasks'} - set(meta)
+  if missing:
+    raise ValueError(f'adapter meta lacks {sorted(missing)}')
+  return _save(directory, adapter, meta)
+
+
+def load_adapter(directory: str) -> Adapter:
+  params, meta = _load(directory)
+  return Adapter(params, meta)
