@@ -24,7 +24,8 @@ from opd_jax.objectives.per_step_kl import KernelSpec
 from opd_jax.parallel import sharding as shd
 from opd_jax.sampling.schedule import flow_match_sigmas
 from opd_jax.train.opd_step import RoundSpec, make_round_fn
-from opd_jax.train.state import TrainState, create_train_state, make_optimizer
+from opd_jax.train.checkpoint import abstract_with_shardings
+from opd_jax.train.state import make_optimizer, sharded_train_state
 
 
 @dataclasses.dataclass
@@ -120,15 +121,9 @@ def build_opd(config, mesh: Mesh, negative: dict, *, base_params: dict | None = 
   else:
     student_init, student_sh = base, base_sh
   tx = make_optimizer(config.optimizer)
-  abstract = jax.eval_shape(lambda: create_train_state(student_init, tx, config.seed))
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, student_sh,
-                                 transform_non_params=lambda _: rep)
-  state_sh = TrainState(step=rep, params=student_sh, opt_state=opt_sh, ema_params=student_sh,
-                        rng=rep)
-  init_state = jax.jit(lambda: create_train_state(student_init, tx, config.seed),
-                       out_shardings=state_sh)
-  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                abstract, state_sh)
+  init_state, state_sh, abstract = sharded_train_state(student_init, student_sh, tx,
+                                                       config.seed, rep)
+  abstract_state = abstract_with_shardings(abstract, state_sh)
 
   spec = round_spec(config, policy)
   batch_sh = {'cond': jax.tree.map(lambda x: shd.batch_sharding(mesh, np.ndim(x) + 1, 1),

@@ -45,7 +45,7 @@ from opd_jax.sampling.schedule import flow_match_sigmas
 from opd_jax.train import artifacts
 from opd_jax.train.metric_writer import MetricWriter, flatten_metrics
 from opd_jax.train.opd_step import sample_keys
-from opd_jax.train.state import TrainState, create_train_state, make_optimizer
+from opd_jax.train.state import TrainState, make_optimizer, sharded_train_state
 
 SCHEDULE_MODES = ('joint', 'cascade')
 STD_SCOPES = ('group', 'task')
@@ -191,13 +191,7 @@ def build_rl(config, mesh: Mesh, base: artifacts.BaseModel) -> RLSetup:
   adapter = nnx.to_pure_dict(nets.dit_lora)
   adapter_sh = shd.state_shardings(nets.dit_lora, mesh)
   tx = make_optimizer(config.optimizer)
-  abstract = jax.eval_shape(lambda: create_train_state(adapter, tx, config.seed))
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, adapter_sh,
-                                 transform_non_params=lambda _: rep)
-  state_sh = TrainState(step=rep, params=adapter_sh, opt_state=opt_sh, ema_params=adapter_sh,
-                        rng=rep)
-  init_state = jax.jit(lambda: create_train_state(adapter, tx, config.seed),
-                       out_shardings=state_sh)
+  init_state, state_sh, _ = sharded_train_state(adapter, adapter_sh, tx, config.seed, rep)
   m = base.model_config
   r = config.rollout
   return RLSetup(nets, policy, frozen, frozen_sh, tx, state_sh, init_state,

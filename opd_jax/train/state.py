@@ -51,3 +51,19 @@ def ema_update(ema: Any, params: Any, step: jax.Array, max_decay: float, every: 
   active = (step % every) == 0
   new = jax.tree.map(lambda e, p: jnp.where(active, decay * e + (1 - decay) * p, e), ema, params)
   return new, jnp.where(active, decay, 0.0)
+
+
+def sharded_train_state(params: Any, param_shardings: Any, tx: optax.GradientTransformation,
+                        seed: int, replicated: Any):
+  """Shardings and a jitted factory for a TrainState whose parameters shard as given.
+
+  Optimizer moments mirror the parameters (via `optax.tree_map_params`); everything else is
+  replicated. Returns (init_state () → TrainState, state shardings, abstract state).
+  """
+  make = lambda: create_train_state(params, tx, seed)
+  abstract = jax.eval_shape(make)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_shardings,
+                                 transform_non_params=lambda _: replicated)
+  state_sh = TrainState(step=replicated, params=param_shardings, opt_state=opt_sh,
+                        ema_params=param_shardings, rng=replicated)
+  return jax.jit(make, out_shardings=state_sh), state_sh, abstract
