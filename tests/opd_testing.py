@@ -3,14 +3,14 @@
 import jax
 import numpy as np
 
-from configs.opd import get_config
+from configs.mini.opd import get_config
 from opd_jax.data.prompt_source import RandomEmbeddingPrompts
 from opd_jax.parallel.mesh import make_mesh
 from opd_jax.train.opd_setup import build_opd, device_batch
 
 
 def tiny_config(**overrides):
-  c = get_config('smoke')
+  c = get_config('standin,smoke')
   c.model.dim = 16
   c.model.num_heads = 2
   c.model.context_dim = 8

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from configs.opd import get_config
+from configs.mini.opd import get_config
 from opd_jax.config_validation import ConfigError, validate_opd_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_default_and_smoke_configs_are_valid():
   validate_opd_config(get_config())
   validate_opd_config(get_config('smoke'))
+  validate_opd_config(get_config('standin,smoke'))
 
 
 @pytest.mark.parametrize('field,value,message', [
@@ -59,9 +60,35 @@ def test_bad_mesh_shape():
 
 def test_cli_rejects_a_bad_override_with_one_line(tmp_path):
   proc = subprocess.run(
-      [sys.executable, '-m', 'opd_jax.main', '--config=configs/opd.py:smoke',
+      [sys.executable, '-m', 'opd_jax.main', '--config=configs/mini/opd.py:standin,smoke',
        '--config.rollout.kernel=heun', f'--workdir={tmp_path}'],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith('error: config.rollout.kernel')
   assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('base.source', 'hub', 'config.base.source'),
+    ('base.path', '/nonexistent/base', 'config.base.path'),
+    ('teachers.source', 'hub', 'config.teachers.source'),
+    ('data.source', 'laion', 'config.data.source'),
+])
+def test_bad_input_sources_name_the_field(field, value, message):
+  from opd_jax.train.opd_sources import load_inputs
+  c = get_config('standin,smoke')
+  if field == 'base.path':
+    c.base.source = 'mini_world'
+  section, leaf = field.split('.')
+  c[section][leaf] = value
+  with pytest.raises(ConfigError, match=message.replace('.', r'\.')):
+    load_inputs(c, batch_per_task=2)
+
+
+def test_missing_teacher_paths_name_the_field():
+  from opd_jax.train.opd_sources import load_inputs
+  c = get_config('standin,smoke')
+  c.teachers.source = 'artifacts'
+  c.teachers.paths = ('',)
+  with pytest.raises(ConfigError, match=r'config\.teachers\.paths: 1 paths for the 3 tasks'):
+    load_inputs(c, batch_per_task=2)

@@ -15,24 +15,15 @@ import numpy as np
 from tqdm import tqdm
 
 from opd_jax.config_validation import validate_opd_config
-from opd_jax.data.prompt_source import RandomEmbeddingPrompts
 from opd_jax.parallel.mesh import batch_axis_size, make_mesh
 from opd_jax.train.checkpoint import Checkpointer
 from opd_jax.train.metric_writer import MetricWriter, flatten_metrics
 from opd_jax.train.opd_setup import build_opd, device_batch
+from opd_jax.train.opd_sources import load_inputs
 
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN/inf; training stops before anything is checkpointed."""
-
-
-def make_prompt_source(config, batch_per_task: int):
-  d, m = config.data, config.model
-  if d.source == 'random_embeddings':
-    return RandomEmbeddingPrompts(len(d.tasks), d.num_prompts, d.context_length, m.context_dim,
-                                  m.pooled_dim, batch_per_task, seed=config.seed)
-  raise ValueError(f'config.data.source: unknown prompt source {d.source!r}; '
-                   'expected random_embeddings')
 
 
 def train_opd(config: ml_collections.ConfigDict, workdir: str, mesh=None):
@@ -44,8 +35,12 @@ def train_opd(config: ml_collections.ConfigDict, workdir: str, mesh=None):
   validate_opd_config(config)
   mesh = mesh or make_mesh(config.mesh.shape.to_dict())
   batch_per_task = config.data.prompts_per_device * batch_axis_size(mesh)
-  source = make_prompt_source(config, batch_per_task)
-  setup = build_opd(config, mesh, source.negative())
+  inputs = load_inputs(config, batch_per_task)
+  config = inputs.config
+  validate_opd_config(config)   # again: the base may have set the network's sizes
+  source = inputs.prompts
+  setup = build_opd(config, mesh, source.negative(), base_params=inputs.base.params,
+                    teachers=inputs.teachers)
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints,
                       async_save=config.train.async_checkpoints)
   if ckpt.latest_step() is not None:

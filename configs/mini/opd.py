@@ -1,33 +1,34 @@
-"""DiffusionOPD on the embedded default: a small DiT student distilled from three teachers.
+"""Mini world, stage 2: DiffusionOPD of a LoRA student from the three RL teachers (spec §2, §5).
 
-    python -m opd_jax.main --config=configs/opd.py --workdir=runs/opd
-    python -m opd_jax.main --config=configs/opd.py:smoke --workdir=/tmp/opd_smoke
+    python -m opd_jax.main --config=configs/mini/opd.py --workdir=runs/opd_stage \
+        --config.base.path=runs/opd/pretrain/base \
+        --config.teachers.paths=runs/opd/teacher_composition/teacher,...
+    python -m opd_jax.main --config=configs/mini/opd.py:standin,smoke --workdir=/tmp/opd_smoke
 
-Any field can be overridden, e.g. --config.train.num_rounds=50 --config.rollout.kernel=flow_grpo
---config.rollout.noise_level=0.7. The recipe settings (spec §5) are the defaults; the model is
-small enough that a round takes well under a second on a 2-core CPU.
+`configs/opd.py` runs this stage inside the whole mini-world recipe and fills the paths itself.
+Variants (comma-separated): `standin` replaces base, teachers and prompts by seeded random
+stand-ins (no data or earlier stage needed: tests, benchmarks of the round); `smoke` makes it
+tiny. The recipe's settings are the defaults; any field can be overridden on the command line.
 """
 
 import ml_collections
+
+from configs.mini import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # The velocity network (opd_jax.models.registry). Latents are [size, size, channels].
-  c.model = ml_collections.ConfigDict()
-  c.model.name = 'dit'
-  c.model.latent_size = 8
-  c.model.latent_channels = 4
-  c.model.patch_size = 2
-  c.model.dim = 64
-  c.model.depth = 2
-  c.model.num_heads = 4
-  c.model.mlp_ratio = 2.0
-  c.model.context_dim = 32           # width of the text token sequence
-  c.model.pooled_dim = 32            # width of the pooled text vector
-  c.model.dtype = 'float32'          # network compute dtype; sampler/KL math is always float32
+  # Where the frozen base comes from (opd_jax.train.opd_sources): a mini-world pretraining
+  # artifact, whose meta sets every network size below, or 'random' (seeded init).
+  c.base = ml_collections.ConfigDict()
+  c.base.source = 'mini_world'
+  c.base.path = ''
+
+  # The velocity network (opd_jax.models.registry): the mini world's DiT. With a mini-world base
+  # its sizes are overwritten by the base's meta; LoRA settings and dtype stay this run's.
+  c.model = common.model()
   c.model.lora_rank = 8              # LoRA slots shared by student and teachers (0: none)
   c.model.lora_alpha = 16.0
   c.model.lora_init = 'gaussian'     # PEFT init_lora_weights='gaussian'
@@ -36,28 +37,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.student = ml_collections.ConfigDict()
   c.student.kind = 'lora'
 
-  # Teachers, one per task, in task order. 'random' builds seeded stand-in adapters.
+  # Teachers, one per task, in task order: saved RL teachers ('artifacts', one directory per
+  # task in teachers.paths) or seeded stand-in adapters ('random').
   c.teachers = ml_collections.ConfigDict()
   c.teachers.kind = 'lora'
-  c.teachers.source = 'random'
+  c.teachers.source = 'artifacts'
+  c.teachers.paths = ('', '', '')
   c.teachers.random_scale = 0.05     # std of the stand-in adapters' B matrices
-  c.teachers.cfg_scales = (1.0, 4.5, 4.5)   # GenEval teacher is CFG-free (spec §2)
+  c.teachers.cfg_scales = (1.0, 2.0, 2.0)   # each teacher's own CFG (NFT composition: free)
 
-  # Prompt sets: one per task, routed to the teacher of the same index.
-  c.data = ml_collections.ConfigDict()
-  c.data.source = 'random_embeddings'
-  c.data.tasks = ('composition', 'text', 'aesthetics')
+  # Prompt sets: one per task, routed to the teacher of the same index. 'mini_world': the train
+  # prompts of each task encoded by the base's text encoder; 'random_embeddings': stand-ins.
+  c.data = common.data()
+  c.data.source = 'mini_world'
+  c.data.tasks = common.TASKS
+  c.data.max_prompts = 0             # 0: the whole train split of each task
   c.data.prompts_per_device = 3      # per task per device (spec §5: 3)
-  c.data.num_prompts = 64            # prompts per task in the stand-in source
-  c.data.context_length = 8
+  c.data.num_prompts = 64            # random_embeddings: prompts per task
+  c.data.context_length = 8          # random_embeddings: tokens per prompt
 
   # Student rollouts (spec §2, §5): 10-step Euler ODE with CFG 4.5 and shift 3.
   c.rollout = ml_collections.ConfigDict()
   c.rollout.num_steps = 10
-  c.rollout.shift = 3.0
+  c.rollout.shift = 1.0            # the mini world's schedule (SD3.5: 3.0)
   c.rollout.kernel = 'ode'           # ode | flow_grpo | cps | dance_grpo
   c.rollout.noise_level = 0.0        # the SDE noise level a
-  c.rollout.cfg_scale = 4.5
+  c.rollout.cfg_scale = 2.0         # the base's best CFG here (SD3.5: 4.5)
   c.rollout.logprob_reduction = 'mean'
 
   # The objective (spec §3).
@@ -97,12 +102,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.async_checkpoints = True
 
-  if arg == 'smoke':
+  words, flags = common.parse_arg(arg, known_flags=('smoke', 'standin'))
+  if words:
+    raise ValueError(f'configs/mini/opd.py: unknown variant(s) {words}; expected standin, smoke')
+  if 'standin' in flags:
+    c.base.source = 'random'
+    c.teachers.source = 'random'
+    c.teachers.cfg_scales = (1.0, 4.5, 4.5)
+    c.data.source = 'random_embeddings'
+    c.model.update(latent_size=8, latent_channels=4, patch_size=2, dim=64, depth=2,
+                   num_heads=4, context_dim=32, pooled_dim=32)
+    c.rollout.shift = 3.0
+    c.rollout.cfg_scale = 4.5
+  if 'smoke' in flags:
     c.model.dim = 32
     c.model.depth = 1
     c.data.prompts_per_device = 1
     c.train.num_rounds = 3
     c.train.checkpoint_every = 2
-  elif arg not in (None, ''):
-    raise ValueError(f'configs/opd.py: unknown variant {arg!r}; expected "smoke" or nothing')
   return c

@@ -1,0 +1,158 @@
+"""Where an OPD run's inputs come from, each chosen by name in the config.
+
+  config.base.source      the frozen base weights          BASE_SOURCES
+  config.teachers.source  one teacher per task             TEACHER_SOURCES
+  config.data.source      per-task prompt conditioning     PROMPT_SOURCES
+
+`load_inputs(config, batch_per_task)` resolves all three, in that order (a mini-world base brings
+the text encoder that encodes the prompts), and returns the config with every field the base
+dictates filled in (the mini world's network sizes live in the base artifact's meta, so a stage
+can never build a differently shaped network than the weights it loads). Missing or mismatched
+inputs raise `ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from typing import Any, Callable
+
+import ml_collections
+
+from opd_jax.config_validation import ConfigError
+from opd_jax.data.prompt_source import RandomEmbeddingPrompts, TablePrompts
+
+
+@dataclasses.dataclass
+class Base:
+  """The base network's weights (None: the seeded random init) and what came with them."""
+  params: Any = None
+  text_encoder: tuple[Any, Any] | None = None    # (graphdef, params) when the base has one
+
+
+@dataclasses.dataclass
+class OPDInputs:
+  config: ml_collections.ConfigDict     # the run's config with base-derived fields filled in
+  base: Base
+  teachers: list | None                 # per-task pytrees; None: seeded random stand-ins
+  prompts: Any                          # a prompt source (next_batch/negative/get/set_position)
+
+
+def _require_dir(path: str, field: str, what: str) -> str:
+  if not path:
+    raise ConfigError(f'config.{field}: no path given; set it to {what}')
+  if not os.path.isdir(path):
+    raise ConfigError(f'config.{field}: {path!r} does not exist (expected {what})')
+  return path
+
+
+# --- base ---------------------------------------------------------------------------------------
+def _random_base(config) -> Base:
+  return Base()
+
+
+def _mini_world_base(config) -> Base:
+  """A mini-world pretraining artifact (`artifacts.save_base`): DiT + frozen text encoder."""
+  from opd_jax.models.mini_world import build_networks
+  from opd_jax.train import artifacts
+  path = _require_dir(config.base.path, 'base.path', 'a mini-world base directory (the '
+                      'pretrain stage writes WORKDIR/pretrain/base)')
+  try:
+    base = artifacts.load_base(path)
+  except FileNotFoundError as e:
+    raise ConfigError(f'config.base.path: {e}') from None
+  # The network is whatever the base was trained as; LoRA and dtype stay the run's choice.
+  for key, value in base.meta['model'].items():
+    if key not in ('dtype',):
+      config.model[key] = value
+  nets = build_networks(base.model_config, base.text_encoder_config, seed=0)
+  return Base(base.dit, (nets.text_graphdef, base.text_encoder))
+
+
+BASE_SOURCES: dict[str, Callable[..., Base]] = {
+    'random': _random_base,
+    'mini_world': _mini_world_base,
+}
+
+
+# --- teachers -----------------------------------------------------------------------------------
+def _random_teachers(config, base: Base) -> None:
+  return None   # opd_setup.build_opd draws seeded stand-ins of the right layout
+
+
+def _artifact_teachers(config, base: Base) -> list:
+  """Saved RL teachers (`artifacts.save_adapter`), one directory per task, in task order."""
+  from opd_jax.train import artifacts
+  paths = tuple(config.teachers.paths)
+  tasks = tuple(config.data.tasks)
+  if len(paths) != len(tasks):
+    raise ConfigError(f'config.teachers.paths: {len(paths)} paths for the {len(tasks)} tasks '
+                      f'{tasks}')
+  out = []
+  for task, path in zip(tasks, paths):
+    _require_dir(path, 'teachers.paths', f'the saved teacher of task {task!r}')
+    try:
+      adapter = artifacts.load_adapter(path)
+    except FileNotFoundError as e:
+      raise ConfigError(f'config.teachers.paths: {e}') from None
+    layout = (int(adapter.meta['lora_rank']), float(adapter.meta['lora_alpha']))
+    want = (int(config.model.lora_rank), float(config.model.lora_alpha))
+    if layout != want:
+      raise ConfigError(f'config.model.lora_rank/lora_alpha: {want} differ from the teacher at '
+                        f'{path} (rank, alpha) = {layout}; teachers and student share one layout')
+    if task not in adapter.meta['tasks']:
+      raise ConfigError(f'config.teachers.paths: {path} was trained on {adapter.meta["tasks"]}, '
+                        f'not on task {task!r} (paths go in data.tasks order)')
+    out.append(adapter.params)
+  return out
+
+
+TEACHER_SOURCES: dict[str, Callable[..., list | None]] = {
+    'random': _random_teachers,
+    'artifacts': _artifact_teachers,
+}
+
+
+# --- prompts ------------------------------------------------------------------------------------
+def _random_prompts(config, base: Base, batch_per_task: int):
+  d, m = config.data, config.model
+  return RandomEmbeddingPrompts(len(d.tasks), d.num_prompts, d.context_length, m.context_dim,
+                                m.pooled_dim, batch_per_task, seed=config.seed)
+
+
+def _mini_world_prompts(config, base: Base, batch_per_task: int):
+  """Train prompts of every task, encoded once by the base's frozen text encoder."""
+  from opd_jax.data.mini_world import conditioning
+  if base.text_encoder is None:
+    raise ConfigError("config.data.source: 'mini_world' prompts need the mini-world base's text "
+                      "encoder (config.base.source = 'mini_world')")
+  d = config.data
+  sets = [conditioning.load_prompt_set(d.data_dir, task, 'train', *base.text_encoder,
+                                       d.dataset_config, d.max_prompts or None)
+          for task in d.tasks]
+  negative = conditioning.negative_conditioning(*base.text_encoder)
+  return TablePrompts([s.cond for s in sets], negative, batch_per_task, seed=config.seed)
+
+
+PROMPT_SOURCES: dict[str, Callable[..., Any]] = {
+    'random_embeddings': _random_prompts,
+    'mini_world': _mini_world_prompts,
+}
+
+
+def _lookup(registry: dict, name: str, field: str) -> Callable:
+  if name not in registry:
+    raise ConfigError(f'config.{field}: {name!r} is not one of {sorted(registry)}')
+  return registry[name]
+
+
+def load_inputs(config: ml_collections.ConfigDict, batch_per_task: int) -> OPDInputs:
+  """Base, teachers and prompts of an OPD run (see the module docstring)."""
+  config = copy.deepcopy(config)
+  base = _lookup(BASE_SOURCES, config.base.source, 'base.source')(config)
+  teachers = _lookup(TEACHER_SOURCES, config.teachers.source, 'teachers.source')(config, base)
+  prompts = _lookup(PROMPT_SOURCES, config.data.source, 'data.source')(config, base,
+                                                                      batch_per_task)
+  return OPDInputs(config, base, teachers, prompts)
+
