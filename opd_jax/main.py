@@ -1,4 +1,7 @@
-"""Entry point: python -m opd_jax.main --config=configs/opd.py --workdir=DIR [--config.x.y=v].
+"""Entry point: python -m opd_jax.main --config=configs/opd.py [--workdir=DIR] [--config.x.y=v].
+
+A config with `stages` runs a recipe of cached stages (configs/opd.py: the mini world end to
+end); any other config is one OPD stage (configs/mini/opd.py, configs/opd_sd35m.py).
 
 Bad input (an invalid config field, a missing or corrupt checkpoint, a NaN loss) ends the run
 with one line on stderr and exit status 1, never with a half-written checkpoint.
@@ -26,8 +29,13 @@ def main(argv):
   from opd_jax.config_validation import ConfigError
   from opd_jax.train.checkpoint import CheckpointError
   from opd_jax.train.opd_loop import NonFiniteLossError, train_opd
+  config = _CONFIG.value
   try:
-    train_opd(_CONFIG.value, _WORKDIR.value)
+    if 'stages' in config:   # a recipe of several stages (configs/opd.py)
+      from opd_jax.pipeline.mini_world import run_mini_world
+      run_mini_world(config, _WORKDIR.value)
+    else:                    # one OPD stage (configs/mini/opd.py, configs/opd_sd35m.py)
+      train_opd(config, _WORKDIR.value)
   except (ConfigError, CheckpointError, NonFiniteLossError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

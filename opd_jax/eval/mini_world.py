@@ -136,12 +136,14 @@ class Evaluator:
       images.append(np.asarray(out)[:n])
     return np.concatenate(images), prompts
 
-  def __call__(self, adapter: Adapter | None = None, cfg_scale: float = 1.0) -> dict[str, float]:
+  def __call__(self, adapter: Adapter | None = None, cfg_scale: float = 1.0,
+               images_out: dict | None = None) -> dict[str, float]:
     """Evaluates base (+ adapter) on every task.
 
     Args:
       adapter: a LoRA adapter artifact (None: the base alone).
       cfg_scale: CFG weight w (1.0: no guidance, the unconditional branch is skipped).
+      images_out: if given, receives {task: (images, prompts)} of the evaluated samples.
 
     Returns:
       Flat dict: '<task>' = headline score per task (composition: 'composition_strict' too),
@@ -152,6 +154,8 @@ class Evaluator:
     out: dict[str, float] = {}
     for task in self.cfg.tasks:
       images, prompts = self.generate(task, adapter, cfg_scale)
+      if images_out is not None:
+        images_out[task] = (images, prompts)
       dense = float(np.mean(get_reward(task)(images, prompts)))
       out[f'reward/{task}'] = dense
       headline = dense

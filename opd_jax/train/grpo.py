@@ -42,6 +42,7 @@ from opd_jax.parallel.mesh import make_mesh
 from opd_jax.sampling.transitions import gaussian_log_prob
 from opd_jax.train import artifacts
 from opd_jax.train import rl_setup
+from opd_jax.train.probe import Probe
 from opd_jax.train.state import TrainState, ema_update
 
 
@@ -195,7 +196,8 @@ def make_grpo_update(spec: GRPOSpec, policy: Policy, tx: optax.GradientTransform
 
 
 def run_grpo(config: ml_collections.ConfigDict, workdir: str,
-             base: str | artifacts.BaseModel, *, mesh=None) -> dict:
+             base: str | artifacts.BaseModel, *, mesh=None,
+             probe: Probe | None = None) -> dict:
   """Trains a Flow-GRPO LoRA teacher on config.data.tasks and saves it under workdir/teacher.
 
   Args:
@@ -203,6 +205,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str,
     workdir: output directory (metrics.jsonl, tensorboard/, teacher/).
     base: the pretrained base artifact (or its directory).
     mesh: optional device mesh (default: from config.mesh.shape).
+    probe: optional evaluation during training, off the clock (`opd_jax.train.probe`).
 
   Returns:
     {'teacher_dir', 'wall_s', 'steps', 'metrics' (last iteration), 'reward_history'
@@ -237,7 +240,8 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str,
   state, history, metrics = rl_setup.run_iterations(
       config, workdir, setup, prompts, name='grpo', carry=state,
       sampler_params=lambda s: s.params, rng=jax.device_get(state.rng), update=update,
-      start=start)
+      start=start,
+      eval_params=lambda s: rl_setup.saved_params(s, config), probe=probe)
   teacher_dir = rl_setup.save_teacher(os.path.join(workdir, 'teacher'), state, config, 'grpo',
                                       config.rollout.cfg_scale)
   return {'teacher_dir': teacher_dir, 'wall_s': time.time() - start,

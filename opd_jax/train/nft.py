@@ -39,6 +39,7 @@ from opd_jax.parallel.mesh import make_mesh
 from opd_jax.sampling.schedule import NUM_TRAIN_TIMESTEPS
 from opd_jax.train import artifacts
 from opd_jax.train import rl_setup
+from opd_jax.train.probe import Probe
 from opd_jax.train.state import TrainState, ema_update
 
 
@@ -146,7 +147,8 @@ def make_nft_update(spec: NFTSpec, policy: Policy, tx: optax.GradientTransformat
 
 
 def run_nft(config: ml_collections.ConfigDict, workdir: str,
-            base: str | artifacts.BaseModel, *, mesh=None) -> dict:
+            base: str | artifacts.BaseModel, *, mesh=None,
+            probe: Probe | None = None) -> dict:
   """Trains a DiffusionNFT LoRA teacher on config.data.tasks; saves it under workdir/teacher.
 
   Args:
@@ -154,6 +156,7 @@ def run_nft(config: ml_collections.ConfigDict, workdir: str,
     workdir: output directory (metrics.jsonl, tensorboard/, teacher/).
     base: the pretrained base artifact (or its directory).
     mesh: optional device mesh (default: from config.mesh.shape).
+    probe: optional evaluation during training, off the clock (`opd_jax.train.probe`).
 
   Returns:
     {'teacher_dir', 'wall_s', 'steps', 'metrics', 'reward_history'} as `run_grpo`.
@@ -190,7 +193,8 @@ def run_nft(config: ml_collections.ConfigDict, workdir: str,
   # Samples come from the old policy θ_old (a soft copy of θ; equal to θ when old_decay = 0).
   (state, _), history, metrics = rl_setup.run_iterations(
       config, workdir, setup, prompts, name='nft', carry=(state, old),
-      sampler_params=lambda c: c[1], rng=jax.device_get(state.rng), update=update, start=start)
+      sampler_params=lambda c: c[1], rng=jax.device_get(state.rng), update=update, start=start,
+      eval_params=lambda c: rl_setup.saved_params(c[0], config), probe=probe)
   teacher_dir = rl_setup.save_teacher(os.path.join(workdir, 'teacher'), state, config, 'nft',
                                       config.rollout.cfg_scale)
   return {'teacher_dir': teacher_dir, 'wall_s': time.time() - start,

@@ -20,14 +20,18 @@ from opd_jax.train.checkpoint import Checkpointer
 from opd_jax.train.metric_writer import MetricWriter, flatten_metrics
 from opd_jax.train.opd_setup import build_opd, device_batch
 from opd_jax.train.opd_sources import load_inputs
+from opd_jax.train.probe import Probe, StageClock, maybe_probe
 
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN/inf; training stops before anything is checkpointed."""
 
 
-def train_opd(config: ml_collections.ConfigDict, workdir: str, mesh=None):
+def train_opd(config: ml_collections.ConfigDict, workdir: str, mesh=None,
+              probe: Probe | None = None):
   """Runs (or resumes) OPD rounds until config.train.num_rounds.
+
+  `probe` (optional) evaluates the EMA student off the clock (`opd_jax.train.probe`).
 
   Returns:
     (final TrainState, last logged metrics), both on the host.
@@ -56,7 +60,10 @@ def train_opd(config: ml_collections.ConfigDict, workdir: str, mesh=None):
            'kl_per_step': [str(j) for j in range(setup.spec.num_train_steps)]}
   writer = MetricWriter(workdir)
   metrics = {}
+  clock = StageClock()
+  last = config.train.num_rounds
   try:
+    maybe_probe(probe, start, last, clock, lambda: state.ema_params)
     for step in tqdm(range(start, config.train.num_rounds), initial=start,
                      total=config.train.num_rounds, desc='opd', disable=jax.process_index() != 0):
       batch = device_batch(mesh, source.next_batch(), teacher_index)
@@ -68,9 +75,11 @@ def train_opd(config: ml_collections.ConfigDict, workdir: str, mesh=None):
         if not math.isfinite(scalars['loss']):
           raise NonFiniteLossError(f'loss is {scalars["loss"]} at round {done}; stopping without '
                                    'saving (check optimizer.lr and the teachers)')
+        scalars['train_seconds'] = clock.train_seconds()
         writer.write(done, scalars)
       if is_ckpt:
         ckpt.save(done, state, config.to_dict(), source.get_position())
+      maybe_probe(probe, done, last, clock, lambda: state.ema_params)
   finally:
     ckpt.close()
     writer.close()

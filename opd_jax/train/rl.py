@@ -13,15 +13,17 @@ from typing import Callable, Sequence
 from opd_jax.train import artifacts
 from opd_jax.train.grpo import run_grpo
 from opd_jax.train.nft import run_nft
+from opd_jax.train.probe import Probe
 
 RUNNERS: dict[str, Callable[..., dict]] = {'grpo': run_grpo, 'nft': run_nft}
 
 
-def run_rl(config, workdir: str, base: str | artifacts.BaseModel, *, mesh=None) -> dict:
+def run_rl(config, workdir: str, base: str | artifacts.BaseModel, *, mesh=None,
+           probe: Probe | None = None) -> dict:
   """Runs the RL trainer `config.algorithm` (see `run_grpo` / `run_nft` for the result dict)."""
   if config.algorithm not in RUNNERS:
     raise ValueError(f'config.algorithm: {config.algorithm!r} is not one of {sorted(RUNNERS)}')
-  return RUNNERS[config.algorithm](config, workdir, base, mesh=mesh)
+  return RUNNERS[config.algorithm](config, workdir, base, mesh=mesh, probe=probe)
 
 
 def load_teachers(teacher_dirs: Sequence[str]) -> tuple[list[dict], tuple[float, ...]]:

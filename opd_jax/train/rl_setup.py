@@ -45,6 +45,7 @@ from opd_jax.sampling.schedule import flow_match_sigmas
 from opd_jax.train import artifacts
 from opd_jax.train.metric_writer import MetricWriter, flatten_metrics
 from opd_jax.train.opd_step import sample_keys
+from opd_jax.train.probe import Probe, StageClock, maybe_probe
 from opd_jax.train.state import TrainState, make_optimizer, sharded_train_state
 
 SCHEDULE_MODES = ('joint', 'cascade')
@@ -303,10 +304,15 @@ def load_rl_prompts(config, base: artifacts.BaseModel, nets: Networks) -> RLProm
   return RLPrompts(sets, d.prompts_per_step, d.group_size, config.seed)
 
 
+def saved_params(state: TrainState, config) -> Any:
+  """The weights a stage saves and evaluates: the EMA if config.ema.use_ema."""
+  return state.ema_params if config.ema.use_ema else state.params
+
+
 def save_teacher(directory: str, state: TrainState, config, stage: str,
                  cfg_scale: float) -> str:
   """Saves the adapter (EMA weights if config.ema.use_ema) as a teacher artifact."""
-  params = state.ema_params if config.ema.use_ema else state.params
+  params = saved_params(state, config)
   meta = {'stage': stage, 'tasks': list(config.data.tasks), 'lora_rank': config.lora.rank,
           'lora_alpha': config.lora.alpha, 'cfg_scale': float(cfg_scale),
           'schedule': config.schedule.mode, 'weights': 'ema' if config.ema.use_ema else 'raw',
@@ -335,12 +341,15 @@ UpdateFn = Callable[[Any, Trajectory, dict, np.ndarray, int], tuple[Any, dict]]
 
 def run_iterations(config, workdir: str, setup: RLSetup, prompts: RLPrompts, *, name: str,
                    carry: Any, sampler_params: Callable[[Any], Any], rng: jax.Array,
-                   update: UpdateFn, start: float) -> tuple[Any, list[dict], dict]:
+                   update: UpdateFn, start: float, eval_params: Callable[[Any], Any] | None = None,
+                   probe: Probe | None = None) -> tuple[Any, list[dict], dict]:
   """The RL loop shared by Flow-GRPO and DiffusionNFT.
 
   Each iteration draws the active tasks' prompts, samples with `sampler_params(carry)`, scores
   every image with its task's reward on the host, normalises advantages per group and hands
   them to the algorithm's `update`. Metrics are read back only on log iterations.
+
+  `probe` (optional) evaluates `eval_params(carry)` off the clock (see `opd_jax.train.probe`).
 
   Returns:
     (final carry, per-iteration mean reward per task (NaN where inactive), last metrics).
@@ -350,7 +359,9 @@ def run_iterations(config, workdir: str, setup: RLSetup, prompts: RLPrompts, *, 
   writer = MetricWriter(workdir)
   history, metrics = [], {}
   num_steps = config.train.num_steps
+  clock = StageClock(start)
   try:
+    maybe_probe(probe, 0, num_steps, clock, lambda: eval_params(carry))
     for it in tqdm(range(num_steps), desc=name, disable=jax.process_index() != 0):
       active = active_tasks(config.schedule.mode, len(tasks), it, num_steps)
       rb = prompts.next(active)
@@ -370,7 +381,9 @@ def run_iterations(config, workdir: str, setup: RLSetup, prompts: RLPrompts, *, 
         metrics.update({f'reward/{t}': v for t, v in per_task.items() if math.isfinite(v)})
         metrics['reward_std'] = float(rewards.std())
         metrics['wall_s'] = time.time() - start
+        metrics['train_seconds'] = clock.train_seconds()
         writer.write(done, metrics)
+      maybe_probe(probe, done, num_steps, clock, lambda: eval_params(carry))
   finally:
     writer.close()
   return carry, history, metrics

@@ -1,0 +1,216 @@
+"""The mini Table 1: held-out scores of every model, normalised Average, curves and sample grids.
+
+report.json schema (issue #3):
+  {"rows": {NAME: {"rewards": {TASK: float}, "average": float, "train_seconds": float, ...}},
+   "tasks": [...], "normalisation": {TASK: {"min": float, "max": float}, "method": str}, ...}
+with NAME in base, teacher/<task>, multitask_rl, cascade_rl, opd (rows of stages that have not
+run are absent). Composition is GenEval-style strict accuracy, the other tasks mean reward.
+
+The Average follows the paper's "mean of min–max normalised metrics": each task's scores are
+mapped to [0, 1] with the lowest and highest score of that task over the table's rows (bounds
+written in the report), then averaged over tasks. Curves of the student and the baselines use
+the same bounds; "seconds to 90 %" is the first probe's training time at which the normalised
+Average reaches 90 % of the stage's final (last probe) Average.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from opd_jax.train import artifacts
+
+CURVE_STAGES = ('opd', 'multitask_rl', 'cascade_rl')
+
+
+def normalisation(rows: dict[str, dict], tasks: Sequence[str]) -> dict[str, dict]:
+  bounds = {}
+  for t in tasks:
+    values = [r['rewards'][t] for r in rows.values()]
+    bounds[t] = {'min': float(min(values)), 'max': float(max(values))}
+  return bounds
+
+
+def normalised_average(rewards: dict[str, float], bounds: dict[str, dict]) -> float:
+  parts = []
+  for t, b in bounds.items():
+    span = b['max'] - b['min']
+    parts.append(0.0 if span <= 0 else (rewards[t] - b['min']) / span)
+  return float(np.mean(parts))
+
+
+def seconds_to_fraction(curve: list[dict], tasks: Sequence[str], bounds: dict,
+                        fraction: float = 0.9) -> float | None:
+  """Training seconds of the first probe whose Average reaches `fraction` × the final one."""
+  if not curve:
+    return None
+  averages = [normalised_average({t: p[t] for t in tasks}, bounds) for p in curve]
+  target = fraction * averages[-1]
+  for point, avg in zip(curve, averages):
+    if avg >= target:
+      return float(point['train_seconds'])
+  return None
+
+
+def build_table(evals: dict[str, dict], seconds: dict[str, float], tasks: Sequence[str]
+                ) -> dict[str, Any]:
+  """report.json content from per-model evaluations ({name: Evaluator output})."""
+  rows = {name: {'rewards': {t: float(e[t]) for t in tasks},
+                 'dense_rewards': {t: float(e[f'reward/{t}']) for t in tasks},
+                 'train_seconds': float(seconds.get(name, 0.0))}
+          for name, e in evals.items()}
+  bounds = normalisation(rows, tasks)
+  for r in rows.values():
+    r['average'] = normalised_average(r['rewards'], bounds)
+  return {'rows': rows, 'tasks': list(tasks),
+          'normalisation': {**bounds, 'method': 'min-max over the rows of this table, per task'}}
+
+
+def derived_figures(table: dict, curves: dict[str, list]) -> dict[str, Any]:
+  """Teacher gains and cross-task effects, OPD's recovered fraction, time to 90 %."""
+  tasks, rows = table['tasks'], table['rows']
+  out: dict[str, Any] = {}
+  if 'base' not in rows:
+    return out
+  base = rows['base']['rewards']
+  gains = {}
+  for t in tasks:
+    name = f'teacher/{t}'
+    if name in rows:
+      gains[t] = {u: rows[name]['rewards'][u] - base[u] for u in tasks}
+  out['teacher_gain_over_base'] = gains
+  if 'opd' in rows:
+    opd = rows['opd']['rewards']
+    out['opd_recovered_fraction'] = {
+        t: (opd[t] - base[t]) / g[t] if abs(g[t]) > 1e-9 else None
+        for t, g in gains.items()}
+  bounds = {t: table['normalisation'][t] for t in tasks}
+  out['seconds_to_90pct_of_final_average'] = {
+      name: seconds_to_fraction(curve, tasks, bounds) for name, curve in curves.items()}
+  out['curve_final_average'] = {
+      name: normalised_average({t: curve[-1][t] for t in tasks}, bounds)
+      for name, curve in curves.items() if curve}
+  return out
+
+
+def _fmt(x, digits=3):
+  return '—' if x is None else f'{x:.{digits}f}'
+
+
+def markdown(table: dict, figures: dict, meta: dict) -> str:
+  tasks, rows = table['tasks'], table['rows']
+  lines = ['# Mini-world DiffusionOPD report', '',
+           f'Held-out prompts ({meta["eval"]}); seed {meta["seed"]}; machine: {meta["machine"]}.',
+           'Composition = GenEval-style strict accuracy; text, aesthetics = mean reward.', '',
+           '| model | ' + ' | '.join(tasks) + ' | Average | train s |',
+           '|---|' + '---|' * (len(tasks) + 2)]
+  for name, r in rows.items():
+    lines.append(f'| {name} | ' + ' | '.join(_fmt(r['rewards'][t]) for t in tasks) +
+                 f' | {_fmt(r["average"])} | {r["train_seconds"]:.0f} |')
+  lines += ['', 'Normalisation bounds (min–max over the rows, per task): ' +
+            ', '.join(f'{t} [{_fmt(table["normalisation"][t]["min"])}, '
+                      f'{_fmt(table["normalisation"][t]["max"])}]' for t in tasks), '']
+  gains = figures.get('teacher_gain_over_base', {})
+  if gains:
+    lines += ['Teacher gain over base (row: teacher, column: task evaluated):', '',
+              '| teacher | ' + ' | '.join(tasks) + ' |', '|---|' + '---|' * len(tasks)]
+    for t, g in gains.items():
+      lines.append(f'| {t} | ' + ' | '.join(f'{g[u]:+.3f}' for u in tasks) + ' |')
+    lines.append('')
+  rec = figures.get('opd_recovered_fraction')
+  if rec:
+    lines.append('OPD student, recovered fraction of each teacher\'s own-task gain: ' +
+                 ', '.join(f'{t} {_fmt(v, 2)}' for t, v in rec.items()) + '.')
+    lines.append('')
+  t90 = figures.get('seconds_to_90pct_of_final_average', {})
+  if t90:
+    lines.append('Training seconds to reach 90 % of the final Average (probe curves, same '
+                 'bounds): ' + ', '.join(f'{n} {_fmt(v, 0)}' for n, v in t90.items()) + '.')
+  return '\n'.join(lines) + '\n'
+
+
+def plot_curves(curves: dict[str, list], tasks: Sequence[str], bounds: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4 * (len(tasks) + 1), 3.2))
+  for name, curve in curves.items():
+    if not curve:
+      continue
+    x = [p['train_seconds'] for p in curve]
+    for ax, t in zip(axes, tasks):
+      ax.plot(x, [p[t] for p in curve], marker='o', ms=3, label=name)
+    axes[-1].plot(x, [normalised_average({t: p[t] for t in tasks}, bounds) for p in curve],
+                  marker='o', ms=3, label=name)
+  for ax, title in zip(axes, list(tasks) + ['Average (normalised)']):
+    ax.set_title(title)
+    ax.set_xlabel('training seconds')
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def save_grid(images_by_model: dict[str, np.ndarray], path: str, scale: int = 4) -> None:
+  """One row per model, one column per prompt (same noise in every row)."""
+  from PIL import Image
+  rows = []
+  for images in images_by_model.values():
+    row = np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=1.0)
+                          for im in images], axis=1)
+    rows.append(row)
+  grid = np.concatenate(rows, axis=0)
+  grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+  Image.fromarray((np.clip(grid, 0, 1) * 255).astype(np.uint8)).save(path)
+
+
+def _machine() -> str:
+  import platform
+  return f'{platform.machine()} {os.cpu_count()}-core CPU ({platform.platform(terse=True)})'
+
+
+def write_report(recipe, directory: str) -> dict:
+  """Evaluates every model whose stage has run and writes report.json/md and the PNGs."""
+  from opd_jax.pipeline.mini_world import evaluator
+  c = recipe.config.report
+  ev = evaluator(recipe, c.eval)
+  models: dict[str, tuple[Any, float]] = {'base': (None, float(c.base_cfg_scale))}
+  seconds = {'base': recipe.result('pretrain')['train_seconds']}
+  for name, stage in ([(f'teacher/{t}', f'teacher_{t}') for t in recipe.tasks] +
+                      [('multitask_rl', 'multitask_rl'), ('cascade_rl', 'cascade_rl'),
+                       ('opd', 'opd')]):
+    record = recipe.cached(stage)
+    if record is None:
+      continue
+    adapter = artifacts.load_adapter(record['artifact'])
+    models[name] = (adapter, adapter.cfg_scale)
+    seconds[name] = record['train_seconds']
+  evals, samples = {}, {}
+  for name, (adapter, cfg) in models.items():
+    images: dict = {}
+    evals[name] = ev(adapter, cfg_scale=cfg, images_out=images)
+    samples[name] = {t: images[t][0][:c.grid_prompts] for t in recipe.tasks}
+  table = build_table(evals, seconds, recipe.tasks)
+  curves = {s: recipe.cached(s).get('curve', []) for s in CURVE_STAGES
+            if recipe.cached(s) is not None}
+  figures = derived_figures(table, curves)
+  meta = {'eval': f'{c.eval.split} split, {c.eval.num_steps}-step Euler ODE, each model at its '
+                  'own CFG, EMA weights',
+          'seed': int(recipe.config.seed), 'machine': _machine(),
+          'cfg_scales': {n: m[1] for n, m in models.items()}}
+  report = {**table, 'figures': figures, 'curves': curves, 'meta': meta}
+  with open(os.path.join(recipe.workdir, 'report.json'), 'w') as f:
+    json.dump(report, f, indent=2)
+  with open(os.path.join(recipe.workdir, 'report.md'), 'w') as f:
+    f.write(markdown(table, figures, meta))
+  if curves:
+    plot_curves(curves, recipe.tasks, {t: table['normalisation'][t] for t in recipe.tasks},
+                os.path.join(recipe.workdir, 'reward_vs_wallclock.png'))
+  for t in recipe.tasks:
+    save_grid({n: s[t] for n, s in samples.items()},
+              os.path.join(recipe.workdir, f'samples_{t}.png'))
+  return {'report': os.path.join(recipe.workdir, 'report.json'), 'train_seconds': 0.0}

@@ -1,0 +1,161 @@
+"""The mini-world recipe as a chain of cached stages (configs/opd.py).
+
+    pretrain  →  teacher_<task> (one per task)  →  opd
+             ↘  multitask_rl, cascade_rl (the baselines)
+    all of them  →  report
+
+Each stage runs the same trainer a stage config under configs/mini/ runs alone, in its own
+directory WORKDIR/<stage>/, and ends by writing WORKDIR/<stage>/stage.json (its key, the
+artifact it produced and its training seconds). A stage whose stage.json carries the current key
+is cached and skipped; the key hashes the stage's config section, the run seed and the keys of
+the stages it depends on, so changing a teacher's settings re-runs that teacher, the student and
+the report, and nothing else. An interrupted OPD stage resumes from its Orbax checkpoints; an
+interrupted RL or pretraining stage restarts (they take about a minute).
+
+The OPD student and the two baselines are evaluated during training by a `Probe` (off the
+clock) for the reward-vs-wall-clock plot; the report evaluates every model on the held-out
+prompts and writes report.json / report.md / PNGs (`opd_jax.pipeline.report`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+from opd_jax.config_validation import ConfigError
+
+STAGE_FILE = 'stage.json'
+KEY_FILE = 'stage_key'
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  deps: tuple[str, ...]
+  run: Callable[['Recipe', str], dict]   # (recipe, stage dir) → result dict (JSON-able)
+  resumable: bool = False                # keeps its directory across an interrupted run
+
+
+def expand_stages(spec: str | tuple, tasks: tuple[str, ...]) -> list[str]:
+  """'pretrain,teachers,opd' → ['pretrain', 'teacher_composition', ..., 'opd']."""
+  words = spec.split(',') if isinstance(spec, str) else list(spec)
+  out = []
+  for w in (w.strip() for w in words if w.strip()):
+    out += [f'teacher_{t}' for t in tasks] if w == 'teachers' else [w]
+  return out
+
+
+def _hash(obj: Any) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json(path: str, obj: Any) -> None:
+  """Writes atomically: a crash never leaves a half-written stage.json."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+class Recipe:
+  """Runs the selected stages of a configs/opd.py config in `workdir`, skipping cached ones."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               stages: dict[str, Stage], mesh=None):
+    self.config, self.workdir, self.mesh = config, os.path.abspath(workdir), mesh
+    self.stages = stages
+    self.tasks = tuple(config.tasks)
+    self._keys: dict[str, str] = {}
+
+  # --- bookkeeping ------------------------------------------------------------------------------
+  def stage_dir(self, name: str) -> str:
+    return os.path.join(self.workdir, name)
+
+  def stage_config(self, name: str) -> ml_collections.ConfigDict:
+    """The stage's config section with the run seed applied (a copy)."""
+    section = name.split('_', 1)[1] if name.startswith('teacher_') else name
+    node = self.config.teachers[section] if name.startswith('teacher_') else self.config[name]
+    c = copy.deepcopy(node)
+    if 'seed' in c:
+      c.seed = int(self.config.seed)
+    return c
+
+  def key(self, name: str) -> str:
+    if name not in self._keys:
+      stage = self.stages[name]
+      self._keys[name] = _hash({'stage': name, 'seed': self.config.seed,
+                                'config': self.stage_config(name).to_dict(),
+                                'deps': [self.key(d) for d in stage.deps]})
+    return self._keys[name]
+
+  def cached(self, name: str) -> dict | None:
+    """The stage's result if it completed with the current key, else None."""
+    path = os.path.join(self.stage_dir(name), STAGE_FILE)
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      record = json.load(f)
+    return record if record.get('key') == self.key(name) else None
+
+  def result(self, name: str) -> dict:
+    record = self.cached(name)
+    if record is None:
+      raise ConfigError(f'config.stages: stage {name!r} has no up-to-date result in '
+                        f'{self.stage_dir(name)}; add it to config.stages')
+    return record
+
+  # --- running ----------------------------------------------------------------------------------
+  def run(self, selected: list[str]) -> dict[str, dict]:
+    unknown = [s for s in selected if s not in self.stages]
+    if unknown:
+      raise ConfigError(f'config.stages: unknown stage(s) {unknown}; choose from '
+                        f'{["teachers"] + list(self.stages)}')
+    order = [s for s in self.stages if s in selected]   # dependency order
+    for name in order:
+      for dep in self.stages[name].deps:
+        if dep not in order and self.cached(dep) is None:
+          raise ConfigError(f'config.stages: stage {name!r} needs {dep!r}, which is neither '
+                            f'selected nor cached in {self.workdir}')
+    results = {}
+    for name in order:
+      results[name] = self._run_one(name)
+    return results
+
+  def _run_one(self, name: str) -> dict:
+    record = self.cached(name)
+    lead = jax.process_index() == 0
+    if record is not None and name != 'report':
+      if lead:
+        print(f'[{name}] cached ({record["train_seconds"]:.0f} s of training)', flush=True)
+      return record
+    directory = self.stage_dir(name)
+    key_path = os.path.join(directory, KEY_FILE)
+    stale = (os.path.exists(directory) and (not self.stages[name].resumable or
+             not os.path.exists(key_path) or open(key_path).read() != self.key(name)))
+    if stale and name != 'report':
+      if lead:
+        print(f'[{name}] settings changed or run interrupted: starting it afresh', flush=True)
+      shutil.rmtree(directory)
+    os.makedirs(directory, exist_ok=True)
+    with open(key_path, 'w') as f:
+      f.write(self.key(name))
+    if lead:
+      print(f'[{name}] running', flush=True)
+    began = time.time()
+    result = self.stages[name].run(self, directory)
+    wall = time.time() - began
+    record = {'key': self.key(name), 'stage': name, 'wall_seconds': wall,
+              'train_seconds': result.pop('train_seconds', wall), **result}
+    if lead:
+      _write_json(os.path.join(directory, STAGE_FILE), record)
+      print(f'[{name}] done in {wall:.0f} s', flush=True)
+    return record

@@ -1,0 +1,130 @@
+"""The mini-world recipe (configs/opd.py): stage keys, caching/resume, report schema and figures."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs.opd import get_config
+from opd_jax.config_validation import ConfigError
+from opd_jax.pipeline import report
+from opd_jax.pipeline.mini_world import mini_world_stages
+from opd_jax.pipeline.stages import Recipe, expand_stages
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ('composition', 'text', 'aesthetics')
+
+
+def _recipe(config, tmp_path):
+  return Recipe(config, str(tmp_path), mini_world_stages(tuple(config.tasks)))
+
+
+def test_expand_stages():
+  assert expand_stages('pretrain,teachers,report', TASKS) == [
+      'pretrain', 'teacher_composition', 'teacher_text', 'teacher_aesthetics', 'report']
+
+
+def test_stage_keys_follow_settings_and_dependencies(tmp_path):
+  c = get_config('smoke')
+  before = {s: _recipe(c, tmp_path).key(s) for s in mini_world_stages(TASKS)}
+  c.teachers.text.train.num_steps += 1
+  after = {s: _recipe(c, tmp_path).key(s) for s in mini_world_stages(TASKS)}
+  changed = {s for s in before if before[s] != after[s]}
+  assert changed == {'teacher_text', 'opd'}
+  c.seed = 1
+  reseeded = {s: _recipe(c, tmp_path).key(s) for s in mini_world_stages(TASKS)}
+  assert all(reseeded[s] != after[s] for s in reseeded)
+
+
+def test_missing_dependency_is_a_config_error(tmp_path):
+  c = get_config('smoke')
+  with pytest.raises(ConfigError, match="stage 'opd' needs 'pretrain'"):
+    _recipe(c, tmp_path).run(expand_stages('opd', TASKS))
+  with pytest.raises(ConfigError, match='unknown stage'):
+    _recipe(c, tmp_path).run(['distill'])
+
+
+def _evals(scores):
+  return {name: {**{t: v for t, v in zip(TASKS, s)}, **{f'reward/{t}': v for t, v in
+                                                        zip(TASKS, s)}}
+          for name, s in scores.items()}
+
+
+def test_table_normalisation_and_figures():
+  evals = _evals({'base': (0.2, 0.1, 0.4), 'teacher/composition': (0.6, 0.05, 0.4),
+                  'teacher/text': (0.2, 0.5, 0.3), 'teacher/aesthetics': (0.1, 0.1, 0.8),
+                  'opd': (0.5, 0.4, 0.7)})
+  table = report.build_table(evals, {'base': 10.0, 'opd': 5.0}, TASKS)
+  assert set(table) == {'rows', 'tasks', 'normalisation'}
+  assert table['tasks'] == list(TASKS)
+  for row in table['rows'].values():
+    assert set(row) >= {'rewards', 'average', 'train_seconds'}
+    assert 0.0 <= row['average'] <= 1.0
+  assert table['normalisation']['composition'] == {'min': 0.1, 'max': 0.6}
+  # opd: (0.5-0.1)/0.5, (0.4-0.05)/0.45, (0.7-0.3)/0.5
+  np.testing.assert_allclose(table['rows']['opd']['average'],
+                             np.mean([0.8, 0.35 / 0.45, 0.8]), rtol=1e-6)
+  curve = [{'step': 0, 'train_seconds': 0.0, 'composition': 0.2, 'text': 0.1, 'aesthetics': 0.4},
+           {'step': 10, 'train_seconds': 4.0, 'composition': 0.42, 'text': 0.35,
+            'aesthetics': 0.65},
+           {'step': 15, 'train_seconds': 6.0, 'composition': 0.48, 'text': 0.38,
+            'aesthetics': 0.68},
+           {'step': 20, 'train_seconds': 8.0, 'composition': 0.5, 'text': 0.4,
+            'aesthetics': 0.7}]
+  figures = report.derived_figures(table, {'opd': curve})
+  gains = figures['teacher_gain_over_base']
+  assert gains['composition']['composition'] == pytest.approx(0.4)
+  assert gains['aesthetics']['composition'] == pytest.approx(-0.1)
+  assert figures['opd_recovered_fraction']['text'] == pytest.approx(0.3 / 0.4)
+  # Final normalised average 0.7926, 90 % of it 0.713: the probe at 4 s has 0.669, the one at
+  # 6 s 0.751.
+  assert figures['seconds_to_90pct_of_final_average']['opd'] == 6.0
+  md = report.markdown(table, figures, {'eval': 'test', 'seed': 0, 'machine': 'm'})
+  assert '| opd | 0.500 | 0.400 | 0.700 |' in md
+
+
+def _main(workdir, *overrides):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  return subprocess.run([sys.executable, '-m', 'opd_jax.main', '--config=configs/opd.py:smoke',
+                         f'--workdir={workdir}', *overrides], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_recipe_runs_end_to_end_then_caches_and_resumes(tmp_path):
+  first = _main(tmp_path)
+  assert first.returncode == 0, first.stderr[-3000:]
+  for stage in ('pretrain', 'teacher_composition', 'teacher_text', 'teacher_aesthetics', 'opd',
+                'multitask_rl', 'cascade_rl'):
+    assert f'[{stage}] running' in first.stdout
+    assert os.path.exists(tmp_path / stage / 'stage.json')
+  rep = json.load(open(tmp_path / 'report.json'))
+  assert set(rep['rows']) == {'base', 'teacher/composition', 'teacher/text',
+                              'teacher/aesthetics', 'multitask_rl', 'cascade_rl', 'opd'}
+  assert rep['tasks'] == list(TASKS)
+  for row in rep['rows'].values():
+    assert set(row['rewards']) == set(TASKS)
+    assert np.isfinite(row['average']) and row['train_seconds'] > 0
+  assert set(rep['normalisation']) >= set(TASKS)
+  for name in ('reward_vs_wallclock.png', 'samples_composition.png', 'samples_text.png',
+               'samples_aesthetics.png', 'report.md'):
+    assert os.path.getsize(tmp_path / name) > 0
+  assert [p['step'] for p in rep['curves']['opd']] == [0, 1, 2, 3]
+  assert os.path.exists(tmp_path / 'opd' / 'metrics.jsonl')
+
+  # Unchanged settings: every training stage is cached. A changed OPD setting re-runs only OPD.
+  second = _main(tmp_path, '--config.opd.train.num_rounds=2')
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert '[opd] running' in second.stdout and '[report] running' in second.stdout
+  for stage in ('pretrain', 'teacher_text', 'multitask_rl', 'cascade_rl'):
+    assert f'[{stage}] cached' in second.stdout
+
+  # An OPD stage interrupted after its last checkpoint resumes instead of starting afresh.
+  os.remove(tmp_path / 'opd' / 'stage.json')
+  third = _main(tmp_path, '--config.opd.train.num_rounds=2', '--config.stages=opd')
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert 'resumed from round 2' in third.stdout
+  assert os.path.exists(tmp_path / 'opd' / 'stage.json')
