@@ -8,6 +8,8 @@ from opd_jax.data.prompt_source import RandomEmbeddingPrompts
 from opd_jax.parallel.mesh import make_mesh
 from opd_jax.train.opd_setup import build_opd, device_batch
 
+from mini_testing import override
+
 
 def tiny_config(**overrides):
   c = get_config('standin,smoke')
@@ -24,13 +26,7 @@ def tiny_config(**overrides):
   c.teachers.random_scale = 0.3
   c.optimizer.lr = 1e-2
   c.ema.every = 1
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return override(c, **overrides)
 
 
 def mesh_of(data, fsdp=1):
