@@ -1,0 +1,141 @@
+"""The mini-world recipe over several seeds: the README's Table-1 figures with their spread.
+
+    python benchmarks/mini_world_recipe.py                       # seeds 0 1 2, runs/opd_seed<S>
+    python benchmarks/mini_world_recipe.py --seeds 0 --reuse     # aggregate existing runs only
+
+For each seed it runs the main command (`python -m opd_jax.main --config=configs/opd.py
+--config.seed=S --workdir=runs/opd_seed<S>`, timed end to end; cached stages are skipped, so a
+re-run costs only the report) and then aggregates the seeds' report.json files into
+benchmarks/results/mini_world_recipe.{md,json}: mean ± standard deviation over seeds of every
+row's held-out scores and Average, each teacher's gain over the base, the OPD student's
+recovered fraction of every teacher's gain, and the training seconds to reach 90 % of the final
+Average for the student and the baselines. The plot and sample grids of the first seed are
+copied next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, 'benchmarks', 'results')
+
+
+def run_seed(seed: int, workdir: str, extra: list[str]) -> float:
+  cmd = [sys.executable, '-m', 'opd_jax.main', '--config=configs/opd.py',
+         f'--config.seed={seed}', f'--workdir={workdir}', *extra]
+  print('$', ' '.join(cmd[1:]), flush=True)
+  began = time.time()
+  subprocess.run(cmd, cwd=ROOT, check=True)
+  return time.time() - began
+
+
+def _stats(values):
+  values = [v for v in values if v is not None]
+  if not values:
+    return None
+  return {'mean': float(np.mean(values)), 'std': float(np.std(values, ddof=1))
+          if len(values) > 1 else 0.0, 'n': len(values)}
+
+
+def aggregate(reports: list[dict], walls: list[float | None]) -> dict:
+  tasks = reports[0]['tasks']
+  names = [n for n in reports[0]['rows'] if all(n in r['rows'] for r in reports)]
+  rows = {}
+  for n in names:
+    rows[n] = {'rewards': {t: _stats([r['rows'][n]['rewards'][t] for r in reports])
+                           for t in tasks},
+               'average': _stats([r['rows'][n]['average'] for r in reports]),
+               'train_seconds': _stats([r['rows'][n]['train_seconds'] for r in reports])}
+  figures = [r['figures'] for r in reports]
+  gains = {t: {u: _stats([f['teacher_gain_over_base'][t][u] for f in figures]) for u in tasks}
+           for t in figures[0].get('teacher_gain_over_base', {})}
+  recovered = {t: _stats([f['opd_recovered_fraction'][t] for f in figures])
+               for t in figures[0].get('opd_recovered_fraction', {})}
+  t90 = {n: _stats([f['seconds_to_90pct_of_final_average'].get(n) for f in figures])
+         for n in figures[0].get('seconds_to_90pct_of_final_average', {})}
+  return {'tasks': tasks, 'rows': rows, 'teacher_gain_over_base': gains,
+          'opd_recovered_fraction': recovered, 'seconds_to_90pct_of_final_average': t90,
+          'main_command_seconds': _stats(walls), 'seeds': len(reports)}
+
+
+def _pm(s, digits=3):
+  if s is None:
+    return '—'
+  return f'{s["mean"]:.{digits}f} ± {s["std"]:.{digits}f}'
+
+
+def markdown(agg: dict, meta: dict) -> str:
+  tasks = agg['tasks']
+  out = ['# Mini-world recipe over seeds', '',
+         f'Command: `{meta["command"]}`  ', f'Commit: `{meta["commit"]}`  ',
+         f'Machine: {meta["machine"]}  ', f'Seeds: {meta["seeds"]} (mean ± std over seeds)', '',
+         'Held-out scores (composition: strict accuracy; text, aesthetics: mean reward) and the '
+         'Average of min–max normalised scores (bounds per seed over that seed\'s rows):', '',
+         '| model | ' + ' | '.join(tasks) + ' | Average | train s |',
+         '|---|' + '---|' * (len(tasks) + 2)]
+  for n, r in agg['rows'].items():
+    out.append(f'| {n} | ' + ' | '.join(_pm(r['rewards'][t]) for t in tasks) +
+               f' | {_pm(r["average"])} | {_pm(r["train_seconds"], 0)} |')
+  out += ['', 'Teacher gain over base (row: teacher; column: task evaluated):', '',
+          '| teacher | ' + ' | '.join(tasks) + ' |', '|---|' + '---|' * len(tasks)]
+  for t, g in agg['teacher_gain_over_base'].items():
+    out.append(f'| {t} | ' + ' | '.join(_pm(g[u]) for u in tasks) + ' |')
+  out += ['', 'OPD student, recovered fraction of each teacher\'s own-task gain '
+          '((opd − base) / (teacher − base)): ' +
+          ', '.join(f'{t} {_pm(v, 2)}' for t, v in agg['opd_recovered_fraction'].items()), '',
+          'Training seconds to reach 90 % of the final Average (probe curves): ' +
+          ', '.join(f'{n} {_pm(v, 0)}' for n, v in
+                    agg['seconds_to_90pct_of_final_average'].items()), '']
+  if agg['main_command_seconds']:
+    out.append(f'Main command wall-clock, all stages from scratch: '
+               f'{_pm(agg["main_command_seconds"], 0)} s.')
+  out += ['', f'Plot and grids of seed {meta["first_seed"]}: mini_world_reward_vs_wallclock.png, '
+          'mini_world_samples_<task>.png.']
+  return '\n'.join(out) + '\n'
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+  p.add_argument('--workdir_prefix', default='runs/opd_seed')
+  p.add_argument('--reuse', action='store_true', help='only aggregate existing report.json files')
+  p.add_argument('overrides', nargs='*', help='extra --config.x=y flags for every seed')
+  args = p.parse_args()
+  reports, walls = [], []
+  for seed in args.seeds:
+    workdir = os.path.join(ROOT, f'{args.workdir_prefix}{seed}')
+    fresh = not os.path.exists(workdir)
+    wall = None if args.reuse else run_seed(seed, workdir, args.overrides)
+    walls.append(wall if fresh else None)
+    with open(os.path.join(workdir, 'report.json')) as f:
+      reports.append(json.load(f))
+  agg = aggregate(reports, walls)
+  commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+  meta = {'command': 'python benchmarks/mini_world_recipe.py ' + ' '.join(sys.argv[1:]),
+          'commit': commit, 'seeds': args.seeds, 'first_seed': args.seeds[0],
+          'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores, no GPU'}
+  os.makedirs(RESULTS, exist_ok=True)
+  with open(os.path.join(RESULTS, 'mini_world_recipe.json'), 'w') as f:
+    json.dump({**agg, 'meta': meta}, f, indent=2)
+  with open(os.path.join(RESULTS, 'mini_world_recipe.md'), 'w') as f:
+    f.write(markdown(agg, meta))
+  first = os.path.join(ROOT, f'{args.workdir_prefix}{args.seeds[0]}')
+  for name in os.listdir(first):
+    if name.endswith('.png'):
+      shutil.copy(os.path.join(first, name), os.path.join(RESULTS, f'mini_world_{name}'))
+  print(markdown(agg, meta))
+
+
+if __name__ == '__main__':
+  main()
