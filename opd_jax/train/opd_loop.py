@@ -36,6 +36,7 @@ def train_opd(config: ml_collections.ConfigDict, workdir: str, mesh=None,
   Returns:
     (final TrainState, last logged metrics), both on the host.
   """
+  clock = StageClock()   # setup and compilation count as training time, as in the RL stages
   validate_opd_config(config)
   mesh = mesh or make_mesh(config.mesh.shape.to_dict())
   batch_per_task = config.data.prompts_per_device * batch_axis_size(mesh)
@@ -60,7 +61,6 @@ def train_opd(config: ml_collections.ConfigDict, workdir: str, mesh=None,
            'kl_per_step': [str(j) for j in range(setup.spec.num_train_steps)]}
   writer = MetricWriter(workdir)
   metrics = {}
-  clock = StageClock()
   last = config.train.num_rounds
   try:
     maybe_probe(probe, start, last, clock, lambda: state.ema_params)
