@@ -25,6 +25,8 @@ def _recipe(config, tmp_path):
 def test_expand_stages():
   assert expand_stages('pretrain,teachers,report', TASKS) == [
       'pretrain', 'teacher_composition', 'teacher_text', 'teacher_aesthetics', 'report']
+  assert expand_stages('opd_single', TASKS) == [
+      'opd_single_composition', 'opd_single_text', 'opd_single_aesthetics']
 
 
 def test_stage_keys_follow_settings_and_dependencies(tmp_path):
@@ -33,7 +35,7 @@ def test_stage_keys_follow_settings_and_dependencies(tmp_path):
   c.teachers.text.train.num_steps += 1
   after = {s: _recipe(c, tmp_path).key(s) for s in mini_world_stages(TASKS)}
   changed = {s for s in before if before[s] != after[s]}
-  assert changed == {'teacher_text', 'opd'}
+  assert changed == {'teacher_text', 'opd', 'opd_single_text'}
   c.seed = 1
   reseeded = {s: _recipe(c, tmp_path).key(s) for s in mini_world_stages(TASKS)}
   assert all(reseeded[s] != after[s] for s in reseeded)

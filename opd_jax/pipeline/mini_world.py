@@ -88,14 +88,19 @@ def run_baseline_stage(name: str):
   return run
 
 
-def opd_config(recipe: Recipe) -> ml_collections.ConfigDict:
-  """The OPD stage config with the base, the teachers and their CFG scales filled in."""
+def opd_config(recipe: Recipe, tasks: tuple[str, ...] | None = None
+               ) -> ml_collections.ConfigDict:
+  """The OPD stage config with the base, the teachers and their CFG scales filled in.
+
+  `tasks` (default: all) selects the teachers: one task gives single-teacher OPD.
+  """
+  tasks = recipe.tasks if tasks is None else tuple(tasks)
   c = recipe.stage_config('opd')
   c.base.source = 'mini_world'
   c.base.path = base_dir(recipe)
   c.teachers.source = 'artifacts'
-  c.data.tasks = recipe.tasks
-  paths = [recipe.result(f'teacher_{t}')['artifact'] for t in recipe.tasks]
+  c.data.tasks = tasks
+  paths = [recipe.result(f'teacher_{t}')['artifact'] for t in tasks]
   teachers = [artifacts.load_adapter(p) for p in paths]
   c.teachers.paths = tuple(paths)
   c.teachers.cfg_scales = tuple(t.cfg_scale for t in teachers)
@@ -104,9 +109,9 @@ def opd_config(recipe: Recipe) -> ml_collections.ConfigDict:
   return c
 
 
-def run_opd_stage(recipe: Recipe, directory: str) -> dict:
+def run_opd_stage(recipe: Recipe, directory: str, tasks: tuple[str, ...] | None = None) -> dict:
   from opd_jax.train.opd_loop import train_opd
-  c = opd_config(recipe)
+  c = opd_config(recipe, tasks)
   meta = {**_probe_meta(c.model.lora_rank, c.model.lora_alpha, c.rollout.cfg_scale),
           'tasks': list(c.data.tasks), 'stage': 'opd', 'weights': 'ema'}
   probe = curve_probe(recipe, meta)
@@ -116,10 +121,16 @@ def run_opd_stage(recipe: Recipe, directory: str) -> dict:
   wall = time.time() - began
   student = artifacts.save_adapter(os.path.join(directory, 'student'), state.ema_params,
                                    {**meta, 'steps': int(state.step)})
-  per_round = len(recipe.tasks) * c.data.prompts_per_device * batch_axis_size(mesh)
+  per_round = len(c.data.tasks) * c.data.prompts_per_device * batch_axis_size(mesh)
   return {'artifact': student, 'train_seconds': wall - probe.seconds, 'curve': probe.history,
           'iterations': int(c.train.num_rounds),
           'trajectories': int(c.train.num_rounds) * per_round}
+
+
+def run_single_teacher_opd_stage(task: str):
+  def run(recipe: Recipe, directory: str) -> dict:
+    return run_opd_stage(recipe, directory, (task,))
+  return run
 
 
 def run_report_stage(recipe: Recipe, directory: str) -> dict:
@@ -135,6 +146,9 @@ def mini_world_stages(tasks: tuple[str, ...]) -> dict[str, Stage]:
                         run_opd_stage, resumable=True)
   stages['multitask_rl'] = Stage('multitask_rl', ('pretrain',), run_baseline_stage('multitask_rl'))
   stages['cascade_rl'] = Stage('cascade_rl', ('pretrain',), run_baseline_stage('cascade_rl'))
+  for t in tasks:   # not in the default config.stages: add 'opd_single' to run them
+    stages[f'opd_single_{t}'] = Stage(f'opd_single_{t}', ('pretrain', f'teacher_{t}'),
+                                      run_single_teacher_opd_stage(t), resumable=True)
   stages['report'] = Stage('report', (), run_report_stage)
   return stages
 

@@ -4,7 +4,9 @@ report.json schema (issue #3):
   {"rows": {NAME: {"rewards": {TASK: float}, "average": float, "train_seconds": float, ...}},
    "tasks": [...], "normalisation": {TASK: {"min": float, "max": float}, "method": str}, ...}
 with NAME in base, teacher/<task>, multitask_rl, cascade_rl, opd (rows of stages that have not
-run are absent). Composition is GenEval-style strict accuracy, the other tasks mean reward.
+run are absent). Single-teacher students (optional stages opd_single_<task>) go to
+"extra_rows" as opd_single/<task>, normalised with the same bounds. Composition is
+GenEval-style strict accuracy, the other tasks mean reward.
 
 The Average follows the paper's "mean of min–max normalised metrics": each task's scores are
 mapped to [0, 1] with the lowest and highest score of that task over the table's rows (bounds
@@ -107,7 +109,7 @@ def markdown(table: dict, figures: dict, meta: dict) -> str:
            'Composition = GenEval-style strict accuracy; text, aesthetics = mean reward.', '',
            '| model | ' + ' | '.join(tasks) + ' | Average | train s |',
            '|---|' + '---|' * (len(tasks) + 2)]
-  for name, r in rows.items():
+  for name, r in list(rows.items()) + list(table.get('extra_rows', {}).items()):
     lines.append(f'| {name} | ' + ' | '.join(_fmt(r['rewards'][t]) for t in tasks) +
                  f' | {_fmt(r["average"])} | {r["train_seconds"]:.0f} |')
   lines += ['', 'Normalisation bounds (min–max over the rows, per task): ' +
@@ -194,7 +196,21 @@ def write_report(recipe, directory: str) -> dict:
     images: dict = {}
     evals[name] = ev(adapter, cfg_scale=cfg, images_out=images)
     samples[name] = {t: images[t][0][:c.grid_prompts] for t in recipe.tasks}
+  extra = {}
+  for t in recipe.tasks:
+    record = recipe.cached(f'opd_single_{t}')
+    if record is not None:
+      adapter = artifacts.load_adapter(record['artifact'])
+      extra[f'opd_single/{t}'] = (ev(adapter, cfg_scale=adapter.cfg_scale),
+                                  record['train_seconds'])
   table = build_table(evals, seconds, recipe.tasks)
+  if extra:   # single-teacher students: same bounds, kept apart from the Table-1 rows
+    bounds = {t: table['normalisation'][t] for t in recipe.tasks}
+    table['extra_rows'] = {}
+    for name, (e, secs) in extra.items():
+      row = build_table({name: e}, {name: secs}, recipe.tasks)['rows'][name]
+      row['average'] = normalised_average(row['rewards'], bounds)
+      table['extra_rows'][name] = row
   curves = {s: recipe.cached(s).get('curve', []) for s in CURVE_STAGES
             if recipe.cached(s) is not None}
   figures = derived_figures(table, curves)

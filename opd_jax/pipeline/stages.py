@@ -46,11 +46,19 @@ class Stage:
 
 
 def expand_stages(spec: str | tuple, tasks: tuple[str, ...]) -> list[str]:
-  """'pretrain,teachers,opd' → ['pretrain', 'teacher_composition', ..., 'opd']."""
+  """'pretrain,teachers,opd' → ['pretrain', 'teacher_composition', ..., 'opd'].
+
+  'teachers' and 'opd_single' stand for one stage per task.
+  """
   words = spec.split(',') if isinstance(spec, str) else list(spec)
   out = []
   for w in (w.strip() for w in words if w.strip()):
-    out += [f'teacher_{t}' for t in tasks] if w == 'teachers' else [w]
+    if w == 'teachers':
+      out += [f'teacher_{t}' for t in tasks]
+    elif w == 'opd_single':
+      out += [f'opd_single_{t}' for t in tasks]
+    else:
+      out.append(w)
   return out
 
 
@@ -82,8 +90,12 @@ class Recipe:
 
   def stage_config(self, name: str) -> ml_collections.ConfigDict:
     """The stage's config section with the run seed applied (a copy)."""
-    section = name.split('_', 1)[1] if name.startswith('teacher_') else name
-    node = self.config.teachers[section] if name.startswith('teacher_') else self.config[name]
+    if name.startswith('teacher_'):
+      node = self.config.teachers[name.split('_', 1)[1]]
+    elif name.startswith('opd_single_'):
+      node = self.config.opd     # the student's settings, with one teacher
+    else:
+      node = self.config[name]
     c = copy.deepcopy(node)
     if 'seed' in c:
       c.seed = int(self.config.seed)
@@ -118,7 +130,7 @@ class Recipe:
     unknown = [s for s in selected if s not in self.stages]
     if unknown:
       raise ConfigError(f'config.stages: unknown stage(s) {unknown}; choose from '
-                        f'{["teachers"] + list(self.stages)}')
+                        f'{["teachers", "opd_single"] + list(self.stages)}')
     order = [s for s in self.stages if s in selected]   # dependency order
     for name in order:
       for dep in self.stages[name].deps:
