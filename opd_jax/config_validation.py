@@ -33,13 +33,20 @@ def validate_opd_config(c) -> None:
   m = c.model
   _choice(m.name, 'model.name', MODELS)
   _choice(m.dtype, 'model.dtype', DTYPES)
-  for f in ('latent_size', 'latent_channels', 'patch_size', 'dim', 'depth', 'num_heads',
-            'context_dim', 'pooled_dim'):
-    _positive(m[f], f'model.{f}')
-  _check(m.latent_size % m.patch_size == 0, 'model.patch_size',
-         f'{m.patch_size} does not divide model.latent_size={m.latent_size}')
-  _check(m.dim % m.num_heads == 0, 'model.num_heads',
-         f'{m.num_heads} does not divide model.dim={m.dim}')
+  _positive(m.latent_size, 'model.latent_size')
+  _positive(m.latent_channels, 'model.latent_channels')
+  if m.name == 'dit':
+    for f in ('patch_size', 'dim', 'depth', 'num_heads', 'context_dim', 'pooled_dim'):
+      _positive(m[f], f'model.{f}')
+    _check(m.latent_size % m.patch_size == 0, 'model.patch_size',
+           f'{m.patch_size} does not divide model.latent_size={m.latent_size}')
+    _check(m.dim % m.num_heads == 0, 'model.num_heads',
+           f'{m.num_heads} does not divide model.dim={m.dim}')
+  if m.name == 'sd3':   # sizes come from the checkpoint's config.json
+    _choice(m.param_dtype, 'model.param_dtype', DTYPES)
+    _check(c.base.source == 'diffusers', 'base.source',
+           f"model 'sd3' loads its weights from a diffusers folder ('diffusers'), got "
+           f'{c.base.source!r}')
   _check(m.lora_rank >= 0, 'model.lora_rank', f'must be >= 0, got {m.lora_rank}')
   _choice(c.student.kind, 'student.kind', KINDS)
   _choice(c.teachers.kind, 'teachers.kind', KINDS)

@@ -10,7 +10,6 @@ ops, so differences are only batch-size-dependent kernel rounding).
 import json
 import os
 import shutil
-import string
 import subprocess
 import sys
 
@@ -19,14 +18,14 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from opd_jax.data import prompt_embeddings
 from opd_jax.tools import encode_prompts as ep
 
+from sd3_testing import CLIP_LEN, T5_WIDTH
+from sd3_testing import tiny_pipeline as _pipeline
+
 MAX_SEQ = 16  # T5 tokens; small to keep the tiny models fast.
-CLIP_LEN = 77
-T5_WIDTH = 96  # > CLIP-L (32) + CLIP-G (48), as 4096 > 768 + 1280 in SD3.
 ATOL = 1e-5
 
 PROMPTS = [
@@ -36,59 +35,6 @@ PROMPTS = [
     # Longer than both CLIPs' 77 tokens and T5's MAX_SEQ: exercises truncation.
     ' '.join(['a cat on a mat near 3 dogs'] * 12),
 ]
-
-
-def _clip_tokenizer(pad_token: str) -> transformers.CLIPTokenizer:
-  # CLIP's byte-level alphabet: 188 printable characters stand for themselves, the other 68
-  # bytes map to chr(256 + i). Every byte (alone or word-final) is a token; two merges on top.
-  chars = ([chr(c) for c in range(33, 127)] + [chr(c) for c in range(161, 173)] +
-           [chr(c) for c in range(174, 256)] + [chr(256 + i) for i in range(68)])
-  vocab = {c: i for i, c in enumerate(chars)}
-  vocab.update({c + '</w>': len(chars) + i for i, c in enumerate(chars)})
-  merges = [('a', 't</w>'), ('c', 'at</w>')]
-  for token in ('at</w>', 'cat</w>', '<|startoftext|>', '<|endoftext|>'):
-    vocab[token] = len(vocab)
-  # SD3's CLIP-G tokenizer pads with "!" while CLIP-L pads with <|endoftext|>: keep that.
-  return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_LEN,
-                                    pad_token=pad_token)
-
-
-def _t5_tokenizer() -> transformers.T5TokenizerFast:
-  pieces = [('<pad>', 0.0), ('</s>', 0.0), ('<unk>', 0.0), ('▁', -2.0)]
-  pieces += [(c, -3.0) for c in string.ascii_letters + string.digits + ',.']
-  pieces += [('▁' + c, -2.5) for c in string.ascii_lowercase]
-  return transformers.T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
-
-
-def _clip_encoder(tokenizer, hidden: int) -> transformers.CLIPTextModelWithProjection:
-  config = transformers.CLIPTextConfig(
-      vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37, num_hidden_layers=3,
-      num_attention_heads=4, projection_dim=hidden, max_position_embeddings=CLIP_LEN,
-      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-      pad_token_id=tokenizer.pad_token_id)
-  return transformers.CLIPTextModelWithProjection(config).eval()
-
-
-def _pipeline(with_t5: bool = True) -> diffusers.StableDiffusion3Pipeline:
-  torch.manual_seed(0)
-  tok, tok2 = _clip_tokenizer('<|endoftext|>'), _clip_tokenizer('!')
-  tok3 = _t5_tokenizer()
-  t5 = transformers.T5EncoderModel(transformers.T5Config(
-      vocab_size=len(tok3), d_model=T5_WIDTH, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
-      relative_attention_num_buckets=8)).eval()
-  transformer = diffusers.SD3Transformer2DModel(
-      sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1,
-      attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
-      joint_attention_dim=T5_WIDTH, pooled_projection_dim=32 + 48)
-  vae = diffusers.AutoencoderKL(
-      in_channels=3, out_channels=3, block_out_channels=(4,), latent_channels=4,
-      down_block_types=('DownEncoderBlock2D',), up_block_types=('UpDecoderBlock2D',),
-      norm_num_groups=1, layers_per_block=1, sample_size=8)
-  return diffusers.StableDiffusion3Pipeline(
-      transformer=transformer, vae=vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
-      tokenizer=tok, text_encoder=_clip_encoder(tok, 32),
-      tokenizer_2=tok2, text_encoder_2=_clip_encoder(tok2, 48),
-      tokenizer_3=tok3 if with_t5 else None, text_encoder_3=t5 if with_t5 else None)
 
 
 @pytest.fixture(scope='module')

@@ -24,7 +24,19 @@ def _dit(cfg, rngs, lora) -> nnx.Module:
              rngs=rngs, dtype=DTYPES[cfg.dtype], **lora)
 
 
-MODELS: dict[str, Callable[..., nnx.Module]] = {'dit': _dit}
+def _sd3(cfg, rngs, lora) -> nnx.Module:
+  """SD3/SD3.5 MMDiT; `cfg.transformer` holds the checkpoint's config.json (set by the base
+  source 'diffusers'), so the network always matches the weights it loads."""
+  from opd_jax.models.mmdit import MMDiT, MMDiTConfig
+  if 'transformer' not in cfg or not cfg.transformer:
+    raise ValueError("config.model.transformer: empty; model 'sd3' takes its sizes from the "
+                     "checkpoint's config.json (config.base.source = 'diffusers')")
+  return MMDiT(MMDiTConfig.from_dict(cfg.transformer.to_dict()), rngs=rngs,
+               dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], remat=cfg.remat,
+               remat_policy=cfg.remat_policy or None, **lora)
+
+
+MODELS: dict[str, Callable[..., nnx.Module]] = {'dit': _dit, 'sd3': _sd3}
 
 
 def make_module(model_cfg, *, seed: int, lora_rank: int, lora_alpha: float,
@@ -36,6 +48,13 @@ def make_module(model_cfg, *, seed: int, lora_rank: int, lora_alpha: float,
   return MODELS[model_cfg.name](model_cfg, nnx.Rngs(seed), lora)
 
 
-def build_model(model_cfg, **kwargs) -> tuple[Any, nnx.State, nnx.State]:
-  """(graphdef, base State, adapter State); States keep logical-axis metadata for sharding."""
+def build_model(model_cfg, *, abstract: bool = False, **kwargs
+                ) -> tuple[Any, nnx.State, nnx.State]:
+  """(graphdef, base State, adapter State); States keep logical-axis metadata for sharding.
+
+  abstract: build with `nnx.eval_shape` (ShapeDtypeStructs, no memory) — for networks whose
+  weights are loaded rather than initialised (an SD3.5-M init alone is ~10 GB of float32).
+  """
+  if abstract:
+    return split_model(nnx.eval_shape(lambda: make_module(model_cfg, **kwargs)))
   return split_model(make_module(model_cfg, **kwargs))

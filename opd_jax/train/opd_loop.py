@@ -40,7 +40,7 @@ def train_opd(config: ml_collections.ConfigDict, workdir: str, mesh=None,
   validate_opd_config(config)
   mesh = mesh or make_mesh(config.mesh.shape.to_dict())
   batch_per_task = config.data.prompts_per_device * batch_axis_size(mesh)
-  inputs = load_inputs(config, batch_per_task)
+  inputs = load_inputs(config, batch_per_task, mesh)
   config = inputs.config
   validate_opd_config(config)   # again: the base may have set the network's sizes
   source = inputs.prompts
@@ -83,4 +83,20 @@ def train_opd(config: ml_collections.ConfigDict, workdir: str, mesh=None,
   finally:
     ckpt.close()
     writer.close()
+  if config.train.get('export_peft', False) and jax.process_index() == 0:
+    export_student_peft(config, state.ema_params, os.path.join(workdir, 'student_peft'))
   return jax.device_get(state), jax.device_get(metrics)
+
+
+def export_student_peft(config, adapter, out_dir: str) -> str:
+  """Writes the (EMA) student adapter in PEFT format, loadable by diffusers + peft."""
+  from flax import nnx
+  from opd_jax.models.peft_io import save_lora_adapter
+  from opd_jax.models.registry import make_module
+  if config.student.kind != 'lora':
+    raise ValueError('config.train.export_peft: only a LoRA student exports to PEFT')
+  m = config.model
+  model = nnx.eval_shape(lambda: make_module(m, seed=0, lora_rank=m.lora_rank,
+                                             lora_alpha=m.lora_alpha))
+  save_lora_adapter(jax.device_get(adapter), model, out_dir)
+  return out_dir

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from opd_jax.config_validation import num_train_steps
+from opd_jax.models.loading.pretrained import init_lora_state
 from opd_jax.models.lora import stack_adapters
 from opd_jax.models.policy import Policy
 from opd_jax.models.registry import build_model
@@ -81,11 +82,15 @@ def build_opd(config, mesh: Mesh, negative: dict, *, base_params: dict | None = 
       teachers.kind == 'full'); default: seeded random stand-ins.
   """
   m = config.model
+  # Given base weights, the network is only traced for its structure (no random init).
+  loaded = base_params is not None
   graphdef, base_state, lora_state = build_model(
-      m, seed=config.seed, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
+      m, abstract=loaded, seed=config.seed, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
       lora_init=m.lora_init)
+  if loaded:
+    lora_state = init_lora_state(lora_state, seed=config.seed, init=m.lora_init)
   policy = Policy(graphdef, config.student.kind, config.teachers.kind)
-  base = nnx.to_pure_dict(base_state) if base_params is None else base_params
+  base = base_params if loaded else nnx.to_pure_dict(base_state)
   num_tasks = len(config.data.tasks)
   if teachers is None:
     if config.teachers.kind == 'lora':

@@ -19,6 +19,7 @@ import os
 from typing import Any, Callable
 
 import ml_collections
+from flax import nnx
 
 from opd_jax.config_validation import ConfigError
 from opd_jax.data.prompt_source import RandomEmbeddingPrompts, TablePrompts
@@ -48,11 +49,11 @@ def _require_dir(path: str, field: str, what: str) -> str:
 
 
 # --- base ---------------------------------------------------------------------------------------
-def _random_base(config) -> Base:
+def _random_base(config, mesh=None) -> Base:
   return Base()
 
 
-def _mini_world_base(config) -> Base:
+def _mini_world_base(config, mesh=None) -> Base:
   """A mini-world pretraining artifact (`artifacts.save_base`): DiT + frozen text encoder."""
   from opd_jax.models.mini_world import build_networks
   from opd_jax.train import artifacts
@@ -70,9 +71,42 @@ def _mini_world_base(config) -> Base:
   return Base(base.dit, (nets.text_graphdef, base.text_encoder))
 
 
+def _diffusers_base(config, mesh=None) -> Base:
+  """An SD3/SD3.5 transformer from a diffusers folder, loaded torch-free onto the mesh."""
+  from opd_jax.models.loading.pretrained import load_mmdit, resolve_folder
+  from opd_jax.models.loading.safetensors_io import CheckpointError, read_config
+  from opd_jax.models.lora import split_model
+  from opd_jax.models.registry import DTYPES, build_model
+  from opd_jax.parallel import sharding as shd
+  path = _require_dir(config.base.path, 'base.path',
+                      'a diffusers SD3/SD3.5 pipeline folder or its transformer/ folder')
+  if config.model.name != 'sd3':
+    raise ConfigError(f"config.model.name: base.source 'diffusers' loads an SD3 transformer; "
+                      f"set model.name to 'sd3' (got {config.model.name!r})")
+  try:
+    folder = resolve_folder(path, 'transformer')
+    transformer = read_config(folder)
+  except CheckpointError as e:
+    raise ConfigError(f'config.base.path: {e}') from None
+  config.model.transformer = ml_collections.ConfigDict(
+      {k: v for k, v in transformer.items() if not k.startswith('_')})
+  if transformer.get('in_channels') != config.model.latent_channels:
+    raise ConfigError(f'config.model.latent_channels: {config.model.latent_channels} differs '
+                      f'from the checkpoint\'s in_channels {transformer.get("in_channels")}')
+  m = config.model
+  shardings = None
+  if mesh is not None:
+    _, base_state, _ = build_model(m, abstract=True, seed=0, lora_rank=0, lora_alpha=1.0)
+    shardings = shd.state_shardings(base_state, mesh)
+  module = load_mmdit(folder, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
+                      remat=m.remat, remat_policy=m.remat_policy or None, shardings=shardings)
+  return Base(nnx.to_pure_dict(split_model(module)[1]))
+
+
 BASE_SOURCES: dict[str, Callable[..., Base]] = {
     'random': _random_base,
     'mini_world': _mini_world_base,
+    'diffusers': _diffusers_base,
 }
 
 
@@ -108,9 +142,33 @@ def _artifact_teachers(config, base: Base) -> list:
   return out
 
 
+def _peft_teachers(config, base: Base) -> list:
+  """PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors), one per task, e.g.
+  the released DiffusionOPD GenEvalTeacher / OCRTeacher / AesTeacher."""
+  from opd_jax.models.loading.safetensors_io import CheckpointError
+  from opd_jax.models.peft_io import AdapterError, load_lora_adapter
+  from opd_jax.models.registry import make_module
+  paths, tasks = tuple(config.teachers.paths), tuple(config.data.tasks)
+  if len(paths) != len(tasks):
+    raise ConfigError(f'config.teachers.paths: {len(paths)} paths for the {len(tasks)} tasks '
+                      f'{tasks}')
+  m = config.model
+  model = nnx.eval_shape(lambda: make_module(m, seed=0, lora_rank=m.lora_rank,
+                                             lora_alpha=m.lora_alpha))
+  out = []
+  for task, path in zip(tasks, paths):
+    _require_dir(path, 'teachers.paths', f'the PEFT adapter of task {task!r}')
+    try:   # ranks and alphas other than the student's are folded in exactly (zero-padded)
+      out.append(nnx.to_pure_dict(load_lora_adapter(path, model)))
+    except (AdapterError, CheckpointError, FileNotFoundError) as e:
+      raise ConfigError(f'config.teachers.paths: {path}: {e}') from None
+  return out
+
+
 TEACHER_SOURCES: dict[str, Callable[..., list | None]] = {
     'random': _random_teachers,
     'artifacts': _artifact_teachers,
+    'peft': _peft_teachers,
 }
 
 
@@ -135,9 +193,40 @@ def _mini_world_prompts(config, base: Base, batch_per_task: int):
   return TablePrompts([s.cond for s in sets], negative, batch_per_task, seed=config.seed)
 
 
+def _sd3_embedding_prompts(config, base: Base, batch_per_task: int):
+  """Per-task SD3 text conditioning from the cache of `python -m opd_jax.tools.encode_prompts`.
+
+  Tables live in host memory: the recipe's prompt sets (a few thousand prompts per task at
+  333 × 4096 float32 tokens ≈ 5.5 MB a prompt) fit on a training host; the key names map to the
+  MMDiT's arguments (SD3 attends to every token, padding included, so there is no mask).
+  """
+  import numpy as np
+  from opd_jax.data import prompt_embeddings as pe
+  d = config.data
+  path = _require_dir(d.embeddings_dir, 'data.embeddings_dir',
+                      'a prompt-embedding cache (python -m opd_jax.tools.encode_prompts)')
+  tables = []
+  for task in d.tasks:
+    try:
+      source = pe.load_prompt_embeddings(path, task, 'train')
+    except (FileNotFoundError, KeyError) as e:
+      raise ConfigError(f'config.data.embeddings_dir: {e}') from None
+    n = len(source) if not d.max_prompts else min(len(source), d.max_prompts)
+    if n == 0:
+      raise ConfigError(f'config.data.embeddings_dir: task {task!r} has no prompts in {path}')
+    rows = [source[i] for i in range(n)]
+    tables.append({'context': np.stack([r['prompt_embeds'] for r in rows]).astype(np.float32),
+                   'pooled': np.stack([r['pooled_prompt_embeds'] for r in rows]
+                                      ).astype(np.float32)})
+  neg = pe.load_negative(path)
+  negative = {'context': neg['prompt_embeds'][None], 'pooled': neg['pooled_prompt_embeds'][None]}
+  return TablePrompts(tables, negative, batch_per_task, seed=config.seed)
+
+
 PROMPT_SOURCES: dict[str, Callable[..., Any]] = {
     'random_embeddings': _random_prompts,
     'mini_world': _mini_world_prompts,
+    'sd3_embeddings': _sd3_embedding_prompts,
 }
 
 
@@ -147,10 +236,13 @@ def _lookup(registry: dict, name: str, field: str) -> Callable:
   return registry[name]
 
 
-def load_inputs(config: ml_collections.ConfigDict, batch_per_task: int) -> OPDInputs:
-  """Base, teachers and prompts of an OPD run (see the module docstring)."""
+def load_inputs(config: ml_collections.ConfigDict, batch_per_task: int, mesh=None) -> OPDInputs:
+  """Base, teachers and prompts of an OPD run (see the module docstring).
+
+  mesh: where loaded base weights go (sharded as the model's logical axes say); None: host.
+  """
   config = copy.deepcopy(config)
-  base = _lookup(BASE_SOURCES, config.base.source, 'base.source')(config)
+  base = _lookup(BASE_SOURCES, config.base.source, 'base.source')(config, mesh)
   teachers = _lookup(TEACHER_SOURCES, config.teachers.source, 'teachers.source')(config, base)
   prompts = _lookup(PROMPT_SOURCES, config.data.source, 'data.source')(config, base,
                                                                       batch_per_task)

@@ -1,0 +1,144 @@
+"""The SD3.5 recipe end to end on tiny random models (configs/opd_sd35m.py), all built here.
+
+A tiny SD3.5-architecture pipeline (dual attention + RMS qk-norm) is saved as a diffusers
+folder; three tiny PEFT teacher LoRAs are written by peft; the prompt-embedding cache is made by
+`python -m opd_jax.tools.encode_prompts` from prompt files. OPD then runs a few rounds from those
+files (loss goes down), resumes from its checkpoint, and exports the EMA student in PEFT format,
+which diffusers + peft load to give the JAX student's outputs.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from configs.opd_sd35m import get_config
+from opd_jax.config_validation import ConfigError
+from opd_jax.models.loading.pretrained import load_mmdit
+from opd_jax.models.lora import split_model
+from opd_jax.models.peft_io import RECIPE_LORA_TARGETS
+from opd_jax.parallel.mesh import make_mesh
+from opd_jax.train.opd_loop import train_opd
+
+from sd3_testing import tiny_pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SD35 = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+            dual_attention_layers=(0,), qk_norm='rms_norm', pos_embed_max_size=8)
+TASKS = ('composition', 'text', 'aesthetics')
+PROMPTS = {'composition': ['a photo of a cat', 'two dogs left of a car', 'a red cup'],
+           'text': ['a sign that says "OPEN"', 'the word "cat" on a wall', 'a label "7"'],
+           'aesthetics': ['a calm lake at dawn', 'a colourful garden', 'a misty forest']}
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+  root = tmp_path_factory.mktemp('sd35')
+  pipe = tiny_pipeline(**SD35)
+  with torch.no_grad():   # a non-trivial base (diffusers zero-inits the output layers)
+    for p in pipe.transformer.parameters():
+      p.normal_(0.0, 0.1)
+  pipe.save_pretrained(root / 'sd35')
+  teachers = []
+  for k, task in enumerate(TASKS):
+    model = get_peft_model(pipe.transformer.__class__.from_pretrained(root / 'sd35' / 'transformer'),
+                           LoraConfig(r=4, lora_alpha=8, init_lora_weights='gaussian',
+                                      target_modules=list(RECIPE_LORA_TARGETS)))
+    g = torch.Generator().manual_seed(10 + k)
+    with torch.no_grad():
+      for name, p in model.named_parameters():
+        if 'lora_B' in name:
+          p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(root / f'teacher_{task}')
+    teachers.append(str(root / f'teacher_{task}'))
+  specs = []
+  for task, prompts in PROMPTS.items():
+    (root / f'{task}.txt').write_text('\n'.join(prompts) + '\n')
+    specs.append(f'{task}={root / f"{task}.txt"}')
+  proc = subprocess.run([sys.executable, '-m', 'opd_jax.tools.encode_prompts',
+                         f'--model_dir={root / "sd35"}', f'--out_dir={root / "cache"}',
+                         f'--prompts={",".join(specs)}', '--max_sequence_length=8'],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return {'base': str(root / 'sd35'), 'teachers': tuple(teachers), 'cache': str(root / 'cache')}
+
+
+def _config(files, rounds):
+  c = get_config()
+  c.base.path = files['base']
+  c.teachers.paths = files['teachers']
+  c.data.embeddings_dir = files['cache']
+  c.model.update(latent_size=8, latent_channels=4, dtype='float32', param_dtype='float32',
+                 lora_rank=4, lora_alpha=8.0)
+  c.data.prompts_per_device = 2
+  c.optimizer.lr = 2e-2
+  c.ema.every = 1
+  c.train.update(num_rounds=rounds, checkpoint_every=3, async_checkpoints=False)
+  return c
+
+
+def _mesh():
+  return make_mesh({'data': 2}, jax.devices()[:2])
+
+
+@pytest.mark.slow
+def test_sd35_recipe_trains_resumes_and_exports(files, tmp_path):
+  state, _ = train_opd(_config(files, 6), str(tmp_path), mesh=_mesh())
+  rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  assert [r['step'] for r in rows] == list(range(1, 7))
+  losses = [r['loss'] for r in rows]
+  assert all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '6']
+
+  state, _ = train_opd(_config(files, 8), str(tmp_path), mesh=_mesh())
+  assert int(state.step) == 8
+  assert [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')] == list(range(1, 9))
+
+  # The exported EMA student, loaded by diffusers + peft, gives the JAX student's outputs.
+  graphdef, base, _ = split_model(load_mmdit(files['base'], lora_rank=4, lora_alpha=8.0))
+  model = nnx.merge(graphdef, nnx.to_pure_dict(base), jax.tree.map(jnp.asarray,
+                                                                    state.ema_params))
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+  ctx = rng.standard_normal((2, 5, 96)).astype(np.float32)
+  pooled = rng.standard_normal((2, 80)).astype(np.float32)
+  ts = np.array([900.0, 300.0], np.float32)
+  ours = np.asarray(model(jnp.asarray(x), jnp.asarray(ts), jnp.asarray(ctx), jnp.asarray(pooled)))
+  from diffusers import SD3Transformer2DModel
+  torch_model = PeftModel.from_pretrained(
+      SD3Transformer2DModel.from_pretrained(os.path.join(files['base'], 'transformer')),
+      str(tmp_path / 'student_peft')).eval()
+  with torch.no_grad():
+    ref = torch_model(hidden_states=torch.from_numpy(x.transpose(0, 3, 1, 2)),
+                      encoder_hidden_states=torch.from_numpy(ctx),
+                      pooled_projections=torch.from_numpy(pooled),
+                      timestep=torch.from_numpy(ts)).sample.numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('field', ['base.path', 'teachers.paths', 'data.embeddings_dir'])
+def test_missing_paths_name_the_field(files, tmp_path, field):
+  c = _config(files, 1)
+  section, leaf = field.split('.')
+  c[section][leaf] = ('', '', '') if field == 'teachers.paths' else ''
+  with pytest.raises(ConfigError, match=f'config\\.{section}\\.{leaf}'):
+    train_opd(c, str(tmp_path), mesh=_mesh())
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_variants():
+  sde = get_config('sde')
+  assert (sde.rollout.kernel, sde.rollout.noise_level) == ('flow_grpo', 0.7)
+  single = get_config('single:text')
+  assert single.data.tasks == ('text',) and single.teachers.cfg_scales == (4.5,)
+  assert get_config().teachers.cfg_scales == (1.0, 4.5, 4.5)
+  with pytest.raises(ValueError, match='single:<task>'):
+    get_config('single:ocr')
