@@ -16,16 +16,22 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a configs/*.p
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/opd', 'Where checkpoints and metrics go.')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
-                                 'Call jax.distributed.initialize() (multi-host runs).')
+                                 'Multi-host run: call jax.distributed.initialize() first (also '
+                                 'with OPD_DISTRIBUTED=1); see opd_jax/parallel/distributed.py.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0 (default: JAX_COORDINATOR_ADDRESS or '
+                                   'auto-detected on TPU pods / SLURM).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
 
 
 def main(argv):
   del argv
   # Orbax logs every file it renames at INFO; progress bars and metrics.jsonl say what matters.
   logging.set_verbosity(logging.WARNING)
-  import jax  # after flag parsing, so --help is fast
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  from opd_jax.parallel import distributed  # after flag parsing, so --help is fast
+  if distributed.requested(_DISTRIBUTED.value):
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from opd_jax.config_validation import ConfigError
   from opd_jax.train.checkpoint import CheckpointError
   from opd_jax.train.opd_loop import NonFiniteLossError, train_opd
