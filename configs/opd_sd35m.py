@@ -39,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.param_dtype = 'bfloat16'   # frozen base storage; LoRA master weights are float32
   c.model.remat = True               # one block's activations live in the backward pass
   c.model.remat_policy = ''          # '' : recompute everything; or a jax.checkpoint_policies name
+  c.model.scan_layers = False        # True: lax.scan over runs of identical blocks (faster compile)
   c.model.lora_rank = 32             # student (and teachers') LoRA on the 8 attention projections
   c.model.lora_alpha = 64.0
   c.model.lora_init = 'gaussian'

@@ -364,7 +364,8 @@ class MMDiT(nnx.Module):
                lora_alpha: float = 1.0, lora_init: str = 'gaussian',
                lora_targets: Sequence[str] | str = RECIPE_LORA_TARGETS,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, remat: bool = False,
-               remat_policy: str | None = None, attention_impl: str | None = None):
+               remat_policy: str | None = None, attention_impl: str | None = None,
+               scan_layers: bool = False):
     """Builds the network (random init; use `opd_jax.models.loading.load_mmdit` for weights).
 
     Args:
@@ -381,6 +382,11 @@ class MMDiT(nnx.Module):
       remat: rematerialise each block in the backward pass (activation memory ∝ 1 block).
       remat_policy: name of a `jax.checkpoint_policies` policy used with `remat`.
       attention_impl: `jax.nn.dot_product_attention` implementation (None, 'xla', 'cudnn').
+      scan_layers: run each run of consecutive, identically built blocks (SD3.5-M: 13 MMDiT-X
+        blocks, then 10 plain ones, then the context_pre_only block) as one `lax.scan` over
+        their stacked weights, so XLA compiles one block per run instead of every block.
+        Parameters keep the per-block diffusers layout (loading and PEFT are unchanged); the
+        stack is built inside the traced call, a transient copy of the block weights.
     """
     config.validate()
     if remat_policy is not None and not hasattr(jax.checkpoint_policies, remat_policy):
@@ -389,6 +395,7 @@ class MMDiT(nnx.Module):
     self.dtype = dtype
     self.lora_targets = lora_targets if isinstance(lora_targets, str) else tuple(lora_targets)
     self.remat, self.remat_policy = remat, remat_policy
+    self.scan_layers = scan_layers
     dim, heads, head_dim = config.inner_dim, config.num_attention_heads, config.attention_head_dim
     lin = _Linears(rngs, rank=lora_rank, alpha=lora_alpha, init=lora_init,
                    targets=self.lora_targets, dtype=dtype, param_dtype=param_dtype)
@@ -421,6 +428,34 @@ class MMDiT(nnx.Module):
       return nnx.merge(graphdef, state)(*args)
     return jax.checkpoint(run, policy=policy)(state, *args)
 
+  def block_runs(self) -> list[tuple[Any, list]]:
+    """Consecutive blocks grouped by identical graphdef: [(graphdef, [block states])]."""
+    runs: list[tuple[Any, list]] = []
+    for block in self.transformer_blocks:
+      graphdef, state = nnx.split(block)
+      if runs and runs[-1][0] == graphdef:
+        runs[-1][1].append(state)
+      else:
+        runs.append((graphdef, [state]))
+    return runs
+
+  def _scanned_blocks(self, hidden, ctx, temb, bias):
+    """The blocks as one lax.scan per run of identical graphdefs (see `scan_layers`)."""
+    runs = self.block_runs()
+    policy = getattr(jax.checkpoint_policies, self.remat_policy) if self.remat_policy else None
+    for graphdef, states in runs:
+      def body(carry, state, graphdef=graphdef):
+        c, h = carry
+        return nnx.merge(graphdef, state)(h, c, temb, bias), None
+      if self.remat:
+        body = jax.checkpoint(body, policy=policy)
+      if len(states) == 1:   # e.g. the context_pre_only block, whose context output is None
+        (ctx, hidden), _ = body((ctx, hidden), states[0])
+        continue
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+      (ctx, hidden), _ = jax.lax.scan(body, (ctx, hidden), stacked)
+    return ctx, hidden
+
   def __call__(self, x: jax.Array, timestep: jax.Array, context: jax.Array, pooled: jax.Array,
                context_mask: jax.Array | None = None) -> jax.Array:
     """Velocity of rectified flow at x.
@@ -448,11 +483,14 @@ class MMDiT(nnx.Module):
     if context_mask is not None:
       bias = jnp.where(context_mask.astype(bool), 0.0, -1e9).astype(self.dtype)[:, None, None]
 
-    for block in self.transformer_blocks:
-      if self.remat:
-        ctx, hidden = self._rematerialised(block, hidden, ctx, temb, bias)
-      else:
-        ctx, hidden = block(hidden, ctx, temb, bias)
+    if self.scan_layers:
+      ctx, hidden = self._scanned_blocks(hidden, ctx, temb, bias)
+    else:
+      for block in self.transformer_blocks:
+        if self.remat:
+          ctx, hidden = self._rematerialised(block, hidden, ctx, temb, bias)
+        else:
+          ctx, hidden = block(hidden, ctx, temb, bias)
 
     scale, shift = self.norm_out(temb)
     out = self.proj_out(modulate(layer_norm(hidden), shift, scale))

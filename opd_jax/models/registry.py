@@ -33,7 +33,8 @@ def _sd3(cfg, rngs, lora) -> nnx.Module:
                      "checkpoint's config.json (config.base.source = 'diffusers')")
   return MMDiT(MMDiTConfig.from_dict(cfg.transformer.to_dict()), rngs=rngs,
                dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], remat=cfg.remat,
-               remat_policy=cfg.remat_policy or None, **lora)
+               remat_policy=cfg.remat_policy or None, scan_layers=cfg.get('scan_layers', False),
+               **lora)
 
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {'dit': _dit, 'sd3': _sd3}
