@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 from opd_jax.models.mmdit import MMDiT, MMDiTConfig
@@ -14,8 +13,7 @@ CFG = MMDiTConfig(sample_size=8, patch_size=2, in_channels=4, out_channels=4, nu
                   dual_attention_layers=(0, 1), qk_norm='rms_norm')
 
 
-@pytest.mark.parametrize('remat', [False, True])
-def test_scanned_equals_unrolled_forward_and_gradient(remat):
+def test_scanned_equals_unrolled_forward_and_gradient():
   plain = MMDiT(CFG, rngs=nnx.Rngs(0), lora_rank=2)
   # SD3.5 layout: 2 MMDiT-X blocks, 2 plain blocks, the context_pre_only block.
   assert [len(states) for _, states in plain.block_runs()] == [2, 2, 1]
@@ -25,7 +23,7 @@ def test_scanned_equals_unrolled_forward_and_gradient(remat):
   state = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
                                     for x, k in zip(leaves, keys)])
   scanned, _ = nnx.split(MMDiT(CFG, rngs=nnx.Rngs(0), lora_rank=2, scan_layers=True,
-                               remat=remat))
+                               remat=True))
   k = jax.random.split(jax.random.PRNGKey(2), 3)
   x = jax.random.normal(k[0], (2, 8, 8, 4))
   ctx, pooled = jax.random.normal(k[1], (2, 5, 12)), jax.random.normal(k[2], (2, 10))
