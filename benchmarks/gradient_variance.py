@@ -449,8 +449,9 @@ def main(argv=None) -> dict:
                                           seed=args.seed)
   os.makedirs(args.out_dir, exist_ok=True)
   if not args.quick and args.workdir:
+    # run directories (checkpoints, metrics) go under runs/, only the summary to results/
     result['training'] = training_study(args.workdir, args.training_rounds,
-                                        os.path.join(args.out_dir, 'gradient_variance_runs'),
+                                        os.path.join(ROOT, 'runs', 'gradient_variance'),
                                         probe_every=10)
   commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True,
                           text=True).stdout.strip()
