@@ -216,7 +216,8 @@ def toy_study(noise_levels, num_samples: int, num_steps: int = 10, seed: int = 0
 
 # --- (b) the mini-world student ---------------------------------------------------------------
 def mini_world_study(workdir: str | None, noise_levels, num_samples: int, num_reference: int,
-                     seed: int = 0, task: str = 'aesthetics') -> dict:
+                     seed: int = 0, task: str = 'aesthetics',
+                     estimators: tuple[str, ...] = ESTIMATORS) -> dict:
   """Setting (b): the recipe's base + fresh student LoRA, the recipe's `task` teacher.
 
   workdir: a recipe workdir with pretrain/ and teacher_<task>/ stages done; None uses the
@@ -241,7 +242,7 @@ def mini_world_study(workdir: str | None, noise_levels, num_samples: int, num_re
   rows = {}
   for level in ['ode'] + list(noise_levels):
     kernel = KernelSpec('ode', 0.0) if level == 'ode' else KernelSpec('flow_grpo', float(level))
-    names = ('analytic',) if level == 'ode' else ESTIMATORS
+    names = ('analytic',) if level == 'ode' else estimators
     grads_by = {}
     for name in names:
       spec = dataclasses.replace(setup.spec, kernel=kernel, objective=name, reduction='sum',
@@ -431,7 +432,8 @@ def plot(result: dict, out_dir: str) -> None:
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--quick', action='store_true',
-                 help='small sample counts; mini world at a=0.7 and ODE only (< 2 min)')
+                 help='small sample counts, ODE and a=0.7 only; mini world on stand-in '
+                      'networks with analytic and ppo_sampled_logratio (< 2 min)')
   p.add_argument('--workdir', default=None, help='recipe workdir with trained stages')
   p.add_argument('--out_dir', default=os.path.join(ROOT, 'benchmarks', 'results'))
   p.add_argument('--seed', type=int, default=0)
@@ -442,11 +444,14 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
   toy_n = args.toy_samples or (4000 if args.quick else 40000)
   mini_n = args.mini_samples or (32 if args.quick else 256)
-  result = {'toy': toy_study(args.noise_levels, toy_n, seed=args.seed)}
-  mini_levels = [0.7] if args.quick else args.noise_levels
+  levels = [0.7] if args.quick else args.noise_levels
+  result = {'toy': toy_study(levels, toy_n, seed=args.seed)}
+  # --quick: each (kernel, estimator) pair of the DiT is one compile; keep three of them.
+  mini_levels = levels
+  mini_estimators = ('analytic', 'ppo_sampled_logratio') if args.quick else ESTIMATORS
   result['mini_world'] = mini_world_study(args.workdir, mini_levels, mini_n,
                                           2 * mini_n if args.quick else 4 * mini_n,
-                                          seed=args.seed)
+                                          seed=args.seed, estimators=mini_estimators)
   os.makedirs(args.out_dir, exist_ok=True)
   if not args.quick and args.workdir:
     # run directories (checkpoints, metrics) go under runs/, only the summary to results/
