@@ -131,6 +131,10 @@ def markdown(table: dict, figures: dict, meta: dict) -> str:
   if t90:
     lines.append('Training seconds to reach 90 % of the final Average (probe curves, same '
                  'bounds): ' + ', '.join(f'{n} {_fmt(v, 0)}' for n, v in t90.items()) + '.')
+    lines.append('')
+  lines.append('samples_<task>.png: one row per model, top to bottom ' +
+               ', '.join(list(rows) + list(table.get('extra_rows', {}))) +
+               '; one column per held-out prompt, the same initial noise in every row.')
   return '\n'.join(lines) + '\n'
 
 
