@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import opd as opd_config
+from configs.mini import opd as opd_config
 from configs.mini import common
 from configs.mini import grpo as grpo_config
 from configs.mini import multitask_rl as multitask_rl_config
