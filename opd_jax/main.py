@@ -1,12 +1,14 @@
 """Entry point: python -m opd_jax.main --config=configs/opd.py [--workdir=DIR] [--config.x.y=v].
 
 A config with `stages` runs a recipe of cached stages (configs/opd.py: the mini world end to
-end); any other config is one OPD stage (configs/mini/opd.py, configs/opd_sd35m.py).
+end); configs/mini/pretrain.py and the RL configs run that one stage; any other config is one
+OPD stage (configs/mini/opd.py, configs/opd_sd35m.py).
 
 Bad input (an invalid config field, a missing or corrupt checkpoint, a NaN loss) ends the run
 with one line on stderr and exit status 1, never with a half-written checkpoint.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -34,15 +36,24 @@ def main(argv):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from opd_jax.config_validation import ConfigError
   from opd_jax.train.checkpoint import CheckpointError
-  from opd_jax.train.opd_loop import NonFiniteLossError, train_opd
+  from opd_jax.train.opd_loop import train_opd
   config = _CONFIG.value
   try:
-    if 'stages' in config:   # a recipe of several stages (configs/opd.py)
+    if 'stages' in config:       # a recipe of several stages (configs/opd.py)
       from opd_jax.pipeline.mini_world import run_mini_world
       run_mini_world(config, _WORKDIR.value)
-    else:                    # one OPD stage (configs/mini/opd.py, configs/opd_sd35m.py)
+    elif 'pretrain' in config:   # mini-world base pretraining (configs/mini/pretrain.py)
+      from opd_jax.train.pretrain import run_pretrain
+      run_pretrain(config, _WORKDIR.value)
+    elif 'algorithm' in config:  # one RL stage (configs/mini/{grpo,nft,multitask_rl,...}.py)
+      from opd_jax.train.rl import run_rl
+      if not config.base_path or not os.path.isdir(config.base_path):
+        raise ConfigError(f'config.base_path: {config.base_path!r} is not a directory; set it '
+                          'to a pretrained base (WORKDIR/pretrain/base of the recipe)')
+      run_rl(config, _WORKDIR.value, config.base_path)
+    else:                        # one OPD stage (configs/mini/opd.py, configs/opd_sd35m.py)
       train_opd(config, _WORKDIR.value)
-  except (ConfigError, CheckpointError, NonFiniteLossError) as e:
+  except (ConfigError, CheckpointError, FloatingPointError) as e:   # incl. NonFiniteLossError
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
 

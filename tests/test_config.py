@@ -92,3 +92,11 @@ def test_missing_teacher_paths_name_the_field():
   c.teachers.paths = ('',)
   with pytest.raises(ConfigError, match=r'config\.teachers\.paths: 1 paths for the 3 tasks'):
     load_inputs(c, batch_per_task=2)
+
+
+def test_cli_runs_a_single_rl_stage_config_and_needs_its_base(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'opd_jax.main', '--config=configs/mini/grpo.py:text,smoke',
+       f'--workdir={tmp_path}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: config.base_path')

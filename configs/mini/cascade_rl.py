@@ -1,7 +1,7 @@
 """Mini world baseline: cascade RL, the three tasks one after another (spec §6, "Cascade NFT").
 
-    opd_jax.train.rl.run_rl(get_config('nft'), 'runs/mini/cascade', base_dir)
-    (config string configs/mini/cascade_rl.py:nft; no CLI entry point for the stages yet)
+    python -m opd_jax.main --config=configs/mini/cascade_rl.py:nft --workdir=runs/cascade \
+        --config.base_path=runs/opd/pretrain/base
 
 Argument: the algorithm, 'nft' (the paper's Cascade NFT) or 'grpo'; append ',smoke' for the
 test variant. One adapter trains on composition, then text, then aesthetics, an equal share of

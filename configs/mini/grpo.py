@@ -1,7 +1,7 @@
 """Mini world, stage 1: a Flow-GRPO LoRA teacher for one task (or several: see multitask_rl.py).
 
-    opd_jax.train.grpo.run_grpo(get_config('text'), 'runs/mini/grpo_text', base_dir)
-    (config string configs/mini/grpo.py:text; no CLI entry point for the stages yet)
+    python -m opd_jax.main --config=configs/mini/grpo.py:text --workdir=runs/grpo_text \
+        --config.base_path=runs/opd/pretrain/base
 
 The argument is a task (composition | text | aesthetics), or several joined by '+' for joint
 multi-task RL; append ',smoke' for the test variant. Expected on a 2-core CPU: ~60 s (20
@@ -25,6 +25,7 @@ def get_config(arg: str | None = 'text') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.algorithm = 'grpo'
   c.seed = 0
+  c.base_path = ''                  # the pretrained base artifact (run alone via opd_jax.main)
   c.data = common.rl_data(tasks)
   c.lora = common.lora()
 

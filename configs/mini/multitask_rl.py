@@ -1,7 +1,7 @@
 """Mini world baseline: joint multi-task RL over the union of the three prompt sets (spec §6).
 
-    opd_jax.train.rl.run_rl(get_config('grpo'), 'runs/mini/mt_grpo', base_dir)
-    (config string configs/mini/multitask_rl.py:grpo; no CLI entry point for the stages yet)
+    python -m opd_jax.main --config=configs/mini/multitask_rl.py:grpo --workdir=runs/mt_grpo \
+        --config.base_path=runs/opd/pretrain/base
 
 Argument: the algorithm, 'grpo' (multi-task Flow-GRPO) or 'nft' (multi-task DiffusionNFT);
 append ',smoke' for the test variant. Every batch draws prompts_per_step / 3 prompts of each

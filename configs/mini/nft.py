@@ -1,7 +1,7 @@
 """Mini world, stage 1: a DiffusionNFT LoRA teacher (the composition teacher, as in the paper).
 
-    opd_jax.train.nft.run_nft(get_config('composition'), 'runs/mini/nft', base_dir)
-    (config string configs/mini/nft.py:composition; no CLI entry point for the stages yet)
+    python -m opd_jax.main --config=configs/mini/nft.py:composition --workdir=runs/nft \
+        --config.base_path=runs/opd/pretrain/base
 
 The argument is a task, or several joined by '+' (joint multi-task NFT); append ',smoke' for the
 test variant. CFG-free: samples and training use CFG 1.0, and so does the teacher in OPD.
@@ -23,6 +23,7 @@ def get_config(arg: str | None = 'composition') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.algorithm = 'nft'
   c.seed = 0
+  c.base_path = ''                  # the pretrained base artifact (run alone via opd_jax.main)
   c.data = common.rl_data(tasks)
   c.data.prompts_per_step = 4       # NFT's regression signal needs fewer samples than GRPO
   c.lora = common.lora()

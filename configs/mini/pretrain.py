@@ -1,7 +1,6 @@
 """Mini world, stage 0: rectified-flow pretraining of the base DiT + text encoder.
 
-    opd_jax.train.pretrain.run_pretrain(get_config(), 'runs/mini/pretrain')
-    (config string configs/mini/pretrain.py; no CLI entry point for the stages yet)
+    python -m opd_jax.main --config=configs/mini/pretrain.py --workdir=runs/pretrain
 
 Expected on a 2-core CPU: ~75 s (1500 steps of 32), final loss ~0.17; the base then scores
 about composition_strict 0.1 / text 0.1 / aesthetics 0.4 at CFG 2 (opd_jax.eval.mini_world):
