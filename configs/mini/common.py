@@ -117,3 +117,14 @@ def parse_arg(arg, known_flags=('smoke',)) -> tuple[list[str], set[str]]:
   words = [w for w in (arg or '').split(',') if w]
   flags = {w for w in words if w in known_flags}
   return [w for w in words if w not in flags], flags
+
+
+def shrink_rl_for_smoke(c) -> None:
+  """The tiny RL variant used by tests (':smoke'): small dataset, batches, rollouts and LoRA."""
+  c.data.dataset_config = 'small'
+  c.data.prompts_per_step = 2
+  c.data.group_size = 4
+  c.data.max_prompts = 4
+  c.rollout.num_steps = 4
+  c.lora.rank = 2
+  c.train.num_steps = 2

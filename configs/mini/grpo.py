@@ -68,12 +68,6 @@ def get_config(arg: str | None = 'text') -> ml_collections.ConfigDict:
   c.eval = common.evaluation()
 
   if 'smoke' in flags:
-    c.data.dataset_config = 'small'
-    c.data.prompts_per_step = 2
-    c.data.group_size = 4
-    c.data.max_prompts = 4
-    c.rollout.num_steps = 4
+    common.shrink_rl_for_smoke(c)
     c.rollout.sde_steps = 3
-    c.lora.rank = 2
-    c.train.num_steps = 2
   return c

@@ -66,11 +66,5 @@ def get_config(arg: str | None = 'composition') -> ml_collections.ConfigDict:
   c.eval = common.evaluation()
 
   if 'smoke' in flags:
-    c.data.dataset_config = 'small'
-    c.data.prompts_per_step = 2
-    c.data.group_size = 4
-    c.data.max_prompts = 4
-    c.rollout.num_steps = 4
-    c.lora.rank = 2
-    c.train.num_steps = 2
+    common.shrink_rl_for_smoke(c)
   return c
