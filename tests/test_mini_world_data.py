@@ -122,6 +122,11 @@ def test_render_draws_the_glyphs():
   background = np.median(image.reshape(-1, 3), 0)
   ink = np.linalg.norm(image - background, axis=-1) > 60
   assert ink.sum() == sprites.FONT['T'].sum() + sprites.FONT['X'].sum()
+  # A left-aligned line: glyph k in columns 4k..4k+2, its top row within TEXT_ROWS.
+  rows = np.flatnonzero(ink.any(1))
+  assert render.TEXT_ROWS[0] <= rows[0] <= render.TEXT_ROWS[1] and rows[-1] - rows[0] == 4
+  np.testing.assert_array_equal(ink[rows[0]:rows[0] + 5, 0:3], sprites.FONT['T'])
+  np.testing.assert_array_equal(ink[rows[0]:rows[0] + 5, 4:7], sprites.FONT['X'])
 
 
 def test_render_imperfect_respects_corrupt_prob():

@@ -46,7 +46,7 @@ class MiniWorldConfig(tfds.core.BuilderConfig):
     seed: seed of the rendering and pretraining-prompt sampling (the prompt splits always use
       grammar's canonical split seed 0).
   """
-  pretrain_per_task: int = 1024
+  pretrain_per_task: int = 4096
   corrupt_prob: float = render.CORRUPT_PROB
   seed: int = 0
 
@@ -58,10 +58,12 @@ PRETRAIN_SPLIT = 'pretrain'
 class MiniWorld(tfds.core.GeneratorBasedBuilder):
   """The mini world's prompt sets and (deliberately imperfect) pretraining pairs."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '1.1.0': 'Text is a left-aligned line (render.TEXT_ROWS); 3 × 4096 '
+                            'pretraining pairs.'}
   BUILDER_CONFIGS = [
-      MiniWorldConfig(name='default', description='3 × 1024 pretraining pairs.'),
+      MiniWorldConfig(name='default', description='3 × 4096 pretraining pairs.'),
       MiniWorldConfig(name='small', pretrain_per_task=32,
                       description='3 × 32 pretraining pairs, for tests.'),
   ]
