@@ -36,6 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stages = 'pretrain,teachers,opd,multitask_rl,cascade_rl,report'
 
   c.pretrain = pretrain.get_config(smoke.lstrip(','))
+  # The shipped base, unless the pretraining settings are changed (then it is trained here).
+  c.pretrain.reuse_shipped = not smoke
   # One teacher per task, the paper's algorithm for each (both are available for every task).
   c.teachers = ml_collections.ConfigDict({
       'composition': nft.get_config('composition' + smoke),

@@ -57,7 +57,7 @@ def run_pretrain_stage(recipe: Recipe, directory: str) -> dict:
   from opd_jax.train.pretrain import run_pretrain
   out = run_pretrain(recipe.stage_config('pretrain'), directory, mesh=recipe.mesh)
   return {'artifact': out['base_dir'], 'train_seconds': out['wall_s'],
-          'final_loss': out['metrics'].get('loss')}
+          'final_loss': out['metrics'].get('loss'), 'shipped': out.get('shipped', False)}
 
 
 def _run_rl_stage(recipe: Recipe, name: str, directory: str, with_probe: bool) -> dict:

@@ -109,6 +109,8 @@ def markdown(table: dict, figures: dict, meta: dict) -> str:
            'Composition = GenEval-style strict accuracy; text, aesthetics = mean reward.', '',
            '| model | ' + ' | '.join(tasks) + ' | Average | train s |',
            '|---|' + '---|' * (len(tasks) + 2)]
+  if 'base' in meta:
+    lines.insert(4, f'Base: {meta["base"]}.')
   for name, r in list(rows.items()) + list(table.get('extra_rows', {}).items()):
     lines.append(f'| {name} | ' + ' | '.join(_fmt(r['rewards'][t]) for t in tasks) +
                  f' | {_fmt(r["average"])} | {r["train_seconds"]:.0f} |')
@@ -221,7 +223,10 @@ def write_report(recipe, directory: str) -> dict:
   meta = {'eval': f'{c.eval.split} split, {c.eval.num_steps}-step Euler ODE, each model at its '
                   'own CFG, EMA weights',
           'seed': int(recipe.config.seed), 'machine': _machine(),
-          'cfg_scales': {n: m[1] for n, m in models.items()}}
+          'cfg_scales': {n: m[1] for n, m in models.items()},
+          'base': ('the shipped base (opd_jax/assets/mini_world_base.json); its train s were '
+                   'measured when it was made' if recipe.result('pretrain').get('shipped')
+                   else 'pretrained in this run')}
   report = {**table, 'figures': figures, 'curves': curves, 'meta': meta}
   with open(os.path.join(recipe.workdir, 'report.json'), 'w') as f:
     json.dump(report, f, indent=2)

@@ -11,8 +11,10 @@ with t logit-normal (SD3) or uniform, and each prompt replaced by "" with probab
 
 `run_pretrain(config, workdir)` saves the base (EMA or raw weights, per config) with its text
 encoder and config sections as an `artifacts.save_base` artifact under workdir/base; every later
-stage starts from it. The update is one jitted function with donated state and explicit
-shardings, like the OPD round.
+stage starts from it. `config.ship` also writes it as the repo's shipped base, and
+`config.reuse_shipped` returns that shipped base instead of training when it was made with the
+same settings (opd_jax.train.shipped_base). The update is one jitted function with donated
+state and explicit shardings, like the OPD round.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from opd_jax.parallel import sharding as shd
 from opd_jax.parallel.mesh import batch_axis_size, make_mesh
 from opd_jax.sampling.schedule import NUM_TRAIN_TIMESTEPS
 from opd_jax.train import artifacts
+from opd_jax.train import shipped_base
 from opd_jax.train.metric_writer import MetricWriter, flatten_metrics
 from opd_jax.train.state import TrainState, create_train_state, ema_update
 
@@ -173,6 +176,13 @@ def run_pretrain(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) 
   """
   start = time.time()
   validate_pretrain_config(config)
+  if config.reuse_shipped:
+    reasons = shipped_base.mismatch(config)
+    if not reasons:
+      return _reuse_shipped(config, workdir)
+    if jax.process_index() == 0:
+      print('[pretrain] the shipped base was made with other settings, training a new one: '
+            + '; '.join(reasons[:3]), flush=True)
   mesh = mesh or make_mesh(config.mesh.shape.to_dict())
   if config.train.batch_size % batch_axis_size(mesh):
     raise ValueError(f'config.train.batch_size {config.train.batch_size} is not divisible by '
@@ -219,4 +229,27 @@ def run_pretrain(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) 
   base_dir = artifacts.save_base(os.path.join(workdir, 'base'), weights['dit'],
                                  weights['text_encoder'], base_meta(config))
   wall = time.time() - start
+  if config.ship and jax.process_index() == 0:
+    prefix = shipped_base.ship(base_dir, config, train_seconds=wall,
+                               final_loss=metrics.get('loss'))
+    print(f'[pretrain] shipped the base as {prefix}.safetensors / .json', flush=True)
   return {'base_dir': base_dir, 'wall_s': wall, 'steps': num_steps, 'metrics': metrics}
+
+
+def _reuse_shipped(config, workdir: str) -> dict:
+  """The shipped base as this run's output: saved under workdir/base like a trained one."""
+  base, record = shipped_base.load()
+  nets = build_networks(config.model, config.text_encoder, seed=config.seed)
+  expected = {'dit': nnx.to_pure_dict(nets.dit_base),
+              'text_encoder': nnx.to_pure_dict(nets.text_params)}
+  got = {'dit': base.dit, 'text_encoder': base.text_encoder}
+  shape = lambda tree: jax.tree.map(np.shape, tree)
+  if shape(expected) != shape(got):
+    raise ValueError(f'{shipped_base.ASSET_PREFIX}.safetensors does not hold the parameters '
+                     f'of config.model / config.text_encoder; remake it with {record["command"]}')
+  base_dir = artifacts.save_base(os.path.join(workdir, 'base'), base.dit, base.text_encoder,
+                                 base.meta)
+  loss = record.get('final_loss')
+  return {'base_dir': base_dir, 'wall_s': record['train_seconds'],
+          'steps': config.train.num_steps, 'metrics': {} if loss is None else {'loss': loss},
+          'shipped': True}
