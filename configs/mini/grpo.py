@@ -5,9 +5,11 @@
 
 The argument is a task (composition | text | aesthetics), or several joined by '+' for joint
 multi-task RL; append ',smoke' for the test variant. Expected on a 2-core CPU: ~60 s (20
-iterations of 8 prompts × 8 images). Measured: the aesthetics teacher lifts held-out aesthetics
-0.41 → 0.55 (eval CFG 2); the text teacher does not improve text, because the ~90 s base reads
-almost no glyph (text ≈ 0.07), so its groups carry next to no reward variance.
+iterations of 8 prompts × 8 images). Measured (recipe seed 0, eval CFG 2): the aesthetics
+teacher lifts held-out aesthetics 0.57 → 0.75; the text teacher gains only +0.02 text. The
+base writes strings of the right length with the wrong glyphs, and a scalar edit-distance
+reward did not teach glyph identity in this budget (longer runs, other learning rates, larger
+groups, more noise and higher CFG all measured no better).
 """
 
 import ml_collections

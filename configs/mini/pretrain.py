@@ -2,7 +2,7 @@
 
     python -m opd_jax.main --config=configs/mini/pretrain.py --workdir=runs/pretrain
 
-Measured on the 2-core CPU (opd_jax/assets/mini_world_base.json): 297 s for 10000 steps of 32,
+Measured on the 2-core CPU (opd_jax/assets/mini_world_base.json): 294 s for 10000 steps of 32,
 final loss 0.080; the base then scores composition_strict 0.16 / text 0.23 / aesthetics 0.57
 on held-out prompts at CFG 2 (the recipe's report.md, seed 0): weak, with reward variance for
 RL to use.
