@@ -76,14 +76,27 @@ def test_table_normalisation_and_figures():
             'aesthetics': 0.68},
            {'step': 20, 'train_seconds': 8.0, 'composition': 0.5, 'text': 0.4,
             'aesthetics': 0.7}]
-  figures = report.derived_figures(table, {'opd': curve})
+  # Starts near its final Average, dips, then ends at the bounds' top.
+  late = [{'step': 0, 'train_seconds': 0.0, 'composition': 0.48, 'text': 0.38,
+           'aesthetics': 0.68},
+          {'step': 10, 'train_seconds': 5.0, 'composition': 0.3, 'text': 0.2, 'aesthetics': 0.5},
+          {'step': 20, 'train_seconds': 9.0, 'composition': 0.5, 'text': 0.4,
+           'aesthetics': 0.7}]
+  figures = report.derived_figures(table, {'opd': curve, 'multitask_rl': late})
   gains = figures['teacher_gain_over_base']
   assert gains['composition']['composition'] == pytest.approx(0.4)
   assert gains['aesthetics']['composition'] == pytest.approx(-0.1)
   assert figures['opd_recovered_fraction']['text'] == pytest.approx(0.3 / 0.4)
-  # Final normalised average 0.7926, 90 % of it 0.713: the probe at 4 s has 0.669, the one at
-  # 6 s 0.751.
+  # Curve bounds are min–max over all probe points: composition [0.2, 0.5], text [0.1, 0.4],
+  # aesthetics [0.4, 0.7]. opd's Averages are 0, 0.8, 0.933, 1: both 90 % marks at 6 s.
+  assert figures['curve_normalisation']['text'] == pytest.approx({'min': 0.1, 'max': 0.4})
   assert figures['seconds_to_90pct_of_final_average']['opd'] == 6.0
+  assert figures['seconds_to_90pct_of_gain']['opd'] == 6.0
+  # late: 0.933, 0.333, 1 — its first probe is already at 90 % of the final Average, but 90 %
+  # of the gain over that first probe (0.993) comes only at 9 s.
+  assert figures['seconds_to_90pct_of_final_average']['multitask_rl'] == 0.0
+  assert figures['seconds_to_90pct_of_gain']['multitask_rl'] == 9.0
+  assert figures['curve_final_average']['multitask_rl'] == pytest.approx(1.0)
   md = report.markdown(table, figures, {'eval': 'test', 'seed': 0, 'machine': 'm'})
   assert '| opd | 0.500 | 0.400 | 0.700 |' in md
 
