@@ -18,7 +18,10 @@ from opd_jax.models.loading.pretrained import load_mmdit
 from opd_jax.models.lora import split_model
 from opd_jax.models.mmdit import MMDiT, MMDiTConfig, sd3_pos_embed_table
 
+# float32 through three joint blocks: outputs of magnitude ~3 differ from torch by ~1e-4
+# depending on reduction order (thread count), so a relative term as well as an absolute one.
 TOL = 1e-4
+RTOL = 1e-4
 SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
            num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
            pooled_projection_dim=10, out_channels=4, pos_embed_max_size=12)
@@ -75,7 +78,7 @@ def test_matches_diffusers(checkpoints, variant, h, w):
   x, ctx, pooled, ts = _inputs(h, w)
   with torch.no_grad():
     ref = torch_model(x, ctx, pooled, ts).sample.numpy()
-  np.testing.assert_allclose(_ours(model, x, ctx, pooled, ts), ref, atol=TOL, rtol=0)
+  np.testing.assert_allclose(_ours(model, x, ctx, pooled, ts), ref, atol=TOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize('variant', ['sd3', 'sd35'])
