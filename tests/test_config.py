@@ -1,15 +1,13 @@
 """Config validation fails fast with one message naming the field; the CLI exits non-zero."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from configs.mini.opd import get_config
 from opd_jax.config_validation import ConfigError, validate_opd_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cli_testing import run_main
 
 
 def test_default_and_smoke_configs_are_valid():
@@ -59,10 +57,8 @@ def test_bad_mesh_shape():
 
 
 def test_cli_rejects_a_bad_override_with_one_line(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, '-m', 'opd_jax.main', '--config=configs/mini/opd.py:standin,smoke',
-       '--config.rollout.kernel=heun', f'--workdir={tmp_path}'],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  proc = run_main('configs/mini/opd.py:standin,smoke', tmp_path, '--config.rollout.kernel=heun',
+                  timeout=300)
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith('error: config.rollout.kernel')
   assert not os.path.exists(tmp_path / 'checkpoints')
@@ -95,8 +91,6 @@ def test_missing_teacher_paths_name_the_field():
 
 
 def test_cli_runs_a_single_rl_stage_config_and_needs_its_base(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, '-m', 'opd_jax.main', '--config=configs/mini/grpo.py:text,smoke',
-       f'--workdir={tmp_path}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  proc = run_main('configs/mini/grpo.py:text,smoke', tmp_path, timeout=300)
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith('error: config.base_path')

@@ -2,19 +2,14 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cli_testing import run_main
 
 
 def _main(workdir, *overrides):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  return subprocess.run([sys.executable, '-m', 'opd_jax.main', '--config=configs/mini/opd.py:standin,smoke',
-                         f'--workdir={workdir}', *overrides], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+  return run_main('configs/mini/opd.py:standin,smoke', workdir, *overrides)
 
 
 @pytest.mark.slow

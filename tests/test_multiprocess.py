@@ -9,14 +9,15 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = ['--config=configs/mini/opd.py:standin,smoke', '--config.data.prompts_per_device=1',
-          '--config.train.checkpoint_every=2', '--config.train.async_checkpoints=False']
+from cli_testing import ROOT, child_env, main_command, run_main
+
+CONFIG = 'configs/mini/opd.py:standin,smoke'
+FLAGS = ('--config.data.prompts_per_device=1', '--config.train.checkpoint_every=2',
+         '--config.train.async_checkpoints=False')
 
 
 def _free_port() -> int:
@@ -25,26 +26,20 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _env(devices: int) -> dict:
-  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-              JAX_PLATFORMS='cpu')
-
-
 def _single(workdir, rounds):
-  proc = subprocess.run([sys.executable, '-m', 'opd_jax.main', *CONFIG, f'--workdir={workdir}',
-                         f'--config.train.num_rounds={rounds}'], cwd=ROOT, env=_env(8),
-                        capture_output=True, text=True, timeout=600)
+  proc = run_main(CONFIG, workdir, *FLAGS, f'--config.train.num_rounds={rounds}', devices=8)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
 
 def _pair(workdir, rounds):
   port = _free_port()
-  procs = [subprocess.Popen([sys.executable, '-m', 'opd_jax.main', *CONFIG,
-                             f'--workdir={workdir}', f'--config.train.num_rounds={rounds}',
-                             '--distributed', f'--coordinator_address=127.0.0.1:{port}',
-                             '--num_processes=2', f'--process_id={i}'],
-                            cwd=ROOT, env=_env(4), stdout=subprocess.PIPE,
+  procs = [subprocess.Popen(main_command(CONFIG, workdir, *FLAGS,
+                                          f'--config.train.num_rounds={rounds}',
+                                          '--distributed',
+                                          f'--coordinator_address=127.0.0.1:{port}',
+                                          '--num_processes=2', f'--process_id={i}'),
+                            cwd=ROOT, env=child_env(4), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = []
   for i, p in enumerate(procs):

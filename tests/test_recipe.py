@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +12,8 @@ from opd_jax.pipeline import report
 from opd_jax.pipeline.mini_world import mini_world_stages
 from opd_jax.pipeline.stages import Recipe, expand_stages
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cli_testing import run_main
+
 TASKS = ('composition', 'text', 'aesthetics')
 
 
@@ -102,10 +101,7 @@ def test_table_normalisation_and_figures():
 
 
 def _main(workdir, *overrides):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  return subprocess.run([sys.executable, '-m', 'opd_jax.main', '--config=configs/opd.py:smoke',
-                         f'--workdir={workdir}', *overrides], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=900)
+  return run_main('configs/opd.py:smoke', workdir, *overrides, timeout=900)
 
 
 @pytest.mark.slow
