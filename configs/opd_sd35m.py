@@ -18,6 +18,8 @@ device, 8 devices → 72 trajectories a round, as released.
 
 import ml_collections
 
+from configs.optimizer import adamw
+
 TASKS = ('composition', 'text', 'aesthetics')     # GenEval, OCR, PickScore prompt sets
 TEACHER_CFG = {'composition': 1.0, 'text': 4.5, 'aesthetics': 4.5}   # GenEval teacher: CFG-free
 
@@ -80,13 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.objective.num_microbatches = 1
   c.objective.timestep_chunks = 1
 
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.lr = 3e-4
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.999
-  c.optimizer.eps = 1e-8
-  c.optimizer.weight_decay = 1e-4
-  c.optimizer.grad_clip = 1.0
+  c.optimizer = adamw(3e-4)
 
   c.ema = ml_collections.ConfigDict()
   c.ema.max_decay = 0.9              # min((1+s)/(10+s), 0.9), every 8 steps

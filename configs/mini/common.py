@@ -99,18 +99,6 @@ def rl_data(tasks) -> ml_collections.ConfigDict:
   return d
 
 
-def optimizer(lr: float) -> ml_collections.ConfigDict:
-  """AdamW with global-norm clipping, constant LR (opd_jax.train.state.make_optimizer)."""
-  o = ml_collections.ConfigDict()
-  o.lr = lr
-  o.b1 = 0.9
-  o.b2 = 0.999
-  o.eps = 1e-8
-  o.weight_decay = 1e-4
-  o.grad_clip = 1.0
-  return o
-
-
 def ema(use_ema: bool = True) -> ml_collections.ConfigDict:
   e = ml_collections.ConfigDict()
   e.max_decay = 0.9               # decay min((1+s)/(10+s), max_decay) per optimizer step

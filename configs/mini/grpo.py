@@ -15,6 +15,7 @@ groups, more noise and higher CFG all measured no better).
 import ml_collections
 
 from configs.mini import common
+from configs.optimizer import adamw
 
 
 def get_config(arg: str | None = 'text') -> ml_collections.ConfigDict:
@@ -57,7 +58,7 @@ def get_config(arg: str | None = 'text') -> ml_collections.ConfigDict:
   c.advantage = ml_collections.ConfigDict()
   c.advantage.std_scope = 'group'   # 'group' (per prompt) | 'task' (per task, whole batch)
 
-  c.optimizer = common.optimizer(1e-3)
+  c.optimizer = adamw(1e-3)
   c.ema = common.ema()
   c.mesh = common.mesh()
 

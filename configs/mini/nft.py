@@ -11,6 +11,7 @@ Expected on a 2-core CPU: ~25 s (40 iterations of 4 prompts × 8 images).
 import ml_collections
 
 from configs.mini import common
+from configs.optimizer import adamw
 
 
 def get_config(arg: str | None = 'composition') -> ml_collections.ConfigDict:
@@ -53,7 +54,7 @@ def get_config(arg: str | None = 'composition') -> ml_collections.ConfigDict:
   c.advantage = ml_collections.ConfigDict()
   c.advantage.std_scope = 'group'
 
-  c.optimizer = common.optimizer(3e-3)
+  c.optimizer = adamw(3e-3)
   c.ema = common.ema()
   c.mesh = common.mesh()
 
