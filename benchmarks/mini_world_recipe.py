@@ -26,12 +26,10 @@ import time
 
 import numpy as np
 
+from opd_jax.pipeline.report import TIME_FIGURES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, 'benchmarks', 'results')
-
-
-TIME_FIGURES = {'seconds_to_90pct_of_final_average': '90 % of the final Average',
-                'seconds_to_90pct_of_gain': '90 % of the gain over the first probe'}
 
 
 def run_seed(seed: int, workdir: str, extra: list[str]) -> float:

@@ -31,6 +31,9 @@ import numpy as np
 from opd_jax.train import artifacts
 
 CURVE_STAGES = ('opd', 'multitask_rl', 'cascade_rl')
+# The times read off the curves: figures key → what is reached.
+TIME_FIGURES = {'seconds_to_90pct_of_final_average': '90 % of the final Average',
+                'seconds_to_90pct_of_gain': '90 % of the gain over the first probe'}
 
 
 def normalisation(rows: dict[str, dict], tasks: Sequence[str]) -> dict[str, dict]:
@@ -151,8 +154,7 @@ def markdown(table: dict, figures: dict, meta: dict) -> str:
     lines.append('OPD student, recovered fraction of each teacher\'s own-task gain: ' +
                  ', '.join(f'{t} {_fmt(v, 2)}' for t, v in rec.items()) + '.')
     lines.append('')
-  for key, what in (('seconds_to_90pct_of_final_average', '90 % of the final Average'),
-                    ('seconds_to_90pct_of_gain', '90 % of the gain over the first probe')):
+  for key, what in TIME_FIGURES.items():
     t90 = figures.get(key, {})
     if t90:
       lines += [f'Training seconds to reach {what} (probe curves, normalised over their '
