@@ -224,9 +224,9 @@ def mini_world_study(workdir: str | None, noise_levels, num_samples: int, num_re
   stand-in OPD config (random base, teacher and prompts) so --quick needs no trained stages.
   """
   from opd_jax.parallel.mesh import make_mesh
-  from opd_jax.train.opd_setup import build_opd
-  from opd_jax.train.opd_sources import load_inputs
-  from opd_jax.train.opd_step import task_loss_and_grad
+  from opd_jax.opd.setup import build_opd
+  from opd_jax.opd.sources import load_inputs
+  from opd_jax.opd.round import task_loss_and_grad
   config, label = _mini_config(workdir, task)
   mesh = make_mesh({'data': 1}, jax.devices()[:1])
   inputs = load_inputs(config, 1, mesh)
@@ -288,7 +288,7 @@ def _mini_config(workdir: str | None, task: str):
   c.base.path = os.path.join(workdir, 'pretrain', 'base')
   c.teachers.paths = (os.path.join(workdir, f'teacher_{task}', 'teacher'),)
   c.data.tasks = (task,)
-  from opd_jax.train import artifacts
+  from opd_jax.mini_world import artifacts
   teacher = artifacts.load_adapter(c.teachers.paths[0])
   c.teachers.cfg_scales = (teacher.cfg_scale,)
   c.model.lora_rank = int(teacher.meta['lora_rank'])
@@ -308,9 +308,9 @@ TRAINING_RUNS = {
 def training_study(workdir: str, rounds: int, out_dir: str, probe_every: int) -> dict:
   """Trains the recipe's OPD student once per estimator, same rounds and batch; curves."""
   from configs.opd import get_config as recipe_config
-  from opd_jax.pipeline.mini_world import curve_probe, mini_world_stages, opd_config
-  from opd_jax.pipeline.stages import Recipe
-  from opd_jax.train.opd_loop import train_opd
+  from opd_jax.recipe.mini_world import curve_probe, mini_world_stages, opd_config
+  from opd_jax.recipe.stages import Recipe
+  from opd_jax.opd.trainer import train_opd
   recipe = Recipe(recipe_config(), workdir, mini_world_stages(('composition', 'text',
                                                                'aesthetics')))
   recipe.config.report.curve_every = probe_every

@@ -23,8 +23,8 @@ sys.path.insert(0, ROOT)
 
 from configs.mini import common                   # noqa: E402
 from opd_jax.eval.mini_world import Evaluator      # noqa: E402
-from opd_jax.train import artifacts                # noqa: E402
-from opd_jax.train import shipped_base             # noqa: E402
+from opd_jax.mini_world import artifacts                # noqa: E402
+from opd_jax.mini_world import shipped_base             # noqa: E402
 
 
 def sweep(base: artifacts.BaseModel, adapter: artifacts.Adapter | None, scales, *, split: str,

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from opd_jax.pipeline.report import TIME_FIGURES
+from opd_jax.recipe.report import TIME_FIGURES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, 'benchmarks', 'results')

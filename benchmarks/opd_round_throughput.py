@@ -167,7 +167,7 @@ def jax_round_fn(folder: str, arrays: dict, size: str, dtype: str, rank: int, al
   from opd_jax.models.peft_io import load_lora_adapter
   from opd_jax.models.registry import DTYPES, make_module
   from opd_jax.parallel.mesh import make_mesh
-  from opd_jax.train.opd_setup import build_opd, device_batch
+  from opd_jax.opd.setup import build_opd, device_batch
   c = get_config()
   c.model.transformer = ml_collections.ConfigDict(
       {k: list(v) if isinstance(v, tuple) else v for k, v in SIZES[size].items()})

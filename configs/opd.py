@@ -4,7 +4,7 @@
     python -m opd_jax.main --config=configs/opd.py --config.stages=opd,report
     python -m opd_jax.main --config=configs/opd.py --config.seed=1 --workdir=runs/opd_seed1
 
-Stages (opd_jax.pipeline.mini_world), each cached in WORKDIR/<stage>/ and skipped when its
+Stages (opd_jax.recipe.mini_world), each cached in WORKDIR/<stage>/ and skipped when its
 settings have not changed: `pretrain` (base DiT + text encoder), `teachers` (one RL teacher per
 task: DiffusionNFT for composition as in the paper, Flow-GRPO for text and aesthetics), `opd`
 (the student, distilled from all three), `multitask_rl` and `cascade_rl` (the baselines) and

@@ -34,19 +34,19 @@ def main(argv):
   from opd_jax.parallel import distributed  # after flag parsing, so --help is fast
   if distributed.requested(_DISTRIBUTED.value):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from opd_jax.config_validation import ConfigError
+  from opd_jax.opd.config import ConfigError
   from opd_jax.train.checkpoint import CheckpointError
-  from opd_jax.train.opd_loop import train_opd
+  from opd_jax.opd.trainer import train_opd
   config = _CONFIG.value
   try:
     if 'stages' in config:       # a recipe of several stages (configs/opd.py)
-      from opd_jax.pipeline.mini_world import run_mini_world
+      from opd_jax.recipe.mini_world import run_mini_world
       run_mini_world(config, _WORKDIR.value)
     elif 'pretrain' in config:   # mini-world base pretraining (configs/mini/pretrain.py)
-      from opd_jax.train.pretrain import run_pretrain
+      from opd_jax.pretrain.trainer import run_pretrain
       run_pretrain(config, _WORKDIR.value)
     elif 'algorithm' in config:  # one RL stage (configs/mini/{grpo,nft,multitask_rl,...}.py)
-      from opd_jax.train.rl import run_rl
+      from opd_jax.rl.trainer import run_rl
       if not config.base_path or not os.path.isdir(config.base_path):
         raise ConfigError(f'config.base_path: {config.base_path!r} is not a directory; set it '
                           'to a pretrained base (WORKDIR/pretrain/base of the recipe)')

@@ -15,10 +15,10 @@ import jax
 from flax import nnx
 
 from configs.mini import pretrain as pretrain_config
-from opd_jax.models.mini_world import build_networks
+from opd_jax.mini_world.networks import build_networks
 from opd_jax.parallel.mesh import make_mesh
-from opd_jax.train import artifacts
-from opd_jax.train.pretrain import base_meta
+from opd_jax.mini_world import artifacts
+from opd_jax.pretrain.trainer import base_meta
 
 
 @functools.lru_cache(maxsize=None)

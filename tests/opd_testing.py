@@ -6,7 +6,7 @@ import numpy as np
 from configs.mini.opd import get_config
 from opd_jax.data.prompt_source import RandomEmbeddingPrompts
 from opd_jax.parallel.mesh import make_mesh
-from opd_jax.train.opd_setup import build_opd, device_batch
+from opd_jax.opd.setup import build_opd, device_batch
 
 from mini_testing import override
 

@@ -8,7 +8,7 @@ import pytest
 
 from opd_testing import mesh_of, tiny_config
 from opd_jax.train.checkpoint import CheckpointError, Checkpointer
-from opd_jax.train.opd_loop import train_opd
+from opd_jax.opd.trainer import train_opd
 
 
 def _config(rounds, **kw):
@@ -64,7 +64,7 @@ def test_restore_without_checkpoint_fails_clearly(tmp_path):
 
 
 def test_nan_loss_stops_without_saving(tmp_path):
-  from opd_jax.train.opd_loop import NonFiniteLossError
+  from opd_jax.opd.trainer import NonFiniteLossError
   config = _config(2, **{'teachers.random_scale': float('inf')})
   with pytest.raises(NonFiniteLossError, match='loss is nan'):
     train_opd(config, str(tmp_path), mesh=mesh_of(1))

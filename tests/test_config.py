@@ -5,7 +5,7 @@ import os
 import pytest
 
 from configs.mini.opd import get_config
-from opd_jax.config_validation import ConfigError, validate_opd_config
+from opd_jax.opd.config import ConfigError, validate_opd_config
 
 from cli_testing import run_main
 
@@ -71,7 +71,7 @@ def test_cli_rejects_a_bad_override_with_one_line(tmp_path):
     ('data.source', 'laion', 'config.data.source'),
 ])
 def test_bad_input_sources_name_the_field(field, value, message):
-  from opd_jax.train.opd_sources import load_inputs
+  from opd_jax.opd.sources import load_inputs
   c = get_config('standin,smoke')
   if field == 'base.path':
     c.base.source = 'mini_world'
@@ -82,7 +82,7 @@ def test_bad_input_sources_name_the_field(field, value, message):
 
 
 def test_missing_teacher_paths_name_the_field():
-  from opd_jax.train.opd_sources import load_inputs
+  from opd_jax.opd.sources import load_inputs
   c = get_config('standin,smoke')
   c.teachers.source = 'artifacts'
   c.teachers.paths = ('',)

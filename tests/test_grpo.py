@@ -9,12 +9,12 @@ from configs.mini import opd as opd_config
 from configs.mini import common
 from configs.mini import grpo as grpo_config
 from configs.mini import multitask_rl as multitask_rl_config
-from opd_jax.data.mini_world import conditioning
-from opd_jax.train import grpo
-from opd_jax.train import rl_setup
-from opd_jax.train.artifacts import load_adapter
-from opd_jax.train.opd_setup import build_opd, device_batch
-from opd_jax.train.rl import run_rl
+from opd_jax.mini_world import conditioning
+from opd_jax.rl import grpo
+from opd_jax.rl import setup as rl_setup
+from opd_jax.mini_world.artifacts import load_adapter
+from opd_jax.opd.setup import build_opd, device_batch
+from opd_jax.rl.trainer import run_rl
 import mini_testing
 
 

@@ -6,8 +6,8 @@ import numpy as np
 from configs.mini import common
 from opd_jax.eval.mini_world import Evaluator
 from opd_jax.models.lora import zeros_like_adapter
-from opd_jax.models.mini_world import build_networks
-from opd_jax.train.artifacts import Adapter
+from opd_jax.mini_world.networks import build_networks
+from opd_jax.mini_world.artifacts import Adapter
 from flax import nnx
 import mini_testing
 

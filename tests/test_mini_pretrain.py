@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from opd_jax.data.mini_world import latents
-from opd_jax.data.mini_world import tokenizer
-from opd_jax.models.mini_world import build_networks
-from opd_jax.models.text_encoder import encode_tokens
-from opd_jax.train import pretrain
-from opd_jax.train.artifacts import load_base
+from opd_jax.mini_world import latents
+from opd_jax.mini_world import tokenizer
+from opd_jax.mini_world.networks import build_networks
+from opd_jax.mini_world.text_encoder import encode_tokens
+from opd_jax.pretrain import trainer as pretrain
+from opd_jax.mini_world.artifacts import load_base
 import mini_testing
 
 

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from opd_jax.data.mini_world import grammar
-from opd_jax.data.mini_world import lexicon
-from opd_jax.data.mini_world import render
-from opd_jax.data.mini_world import sprites
-from opd_jax.data.mini_world import tfds_builder
-from opd_jax.data.mini_world import tokenizer
+from opd_jax.mini_world import grammar
+from opd_jax.mini_world import lexicon
+from opd_jax.mini_world import render
+from opd_jax.mini_world import sprites
+from opd_jax.mini_world import tfds_builder
+from opd_jax.mini_world import tokenizer
 
 EXPECTED_SIZES = {'composition': (384, 64), 'text': (384, 64), 'aesthetics': (224, 64)}
 

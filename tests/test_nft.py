@@ -8,10 +8,10 @@ import pytest
 from configs.mini import cascade_rl as cascade_rl_config
 from configs.mini import nft as nft_config
 from opd_jax.sampling.schedule import NUM_TRAIN_TIMESTEPS
-from opd_jax.train import nft
-from opd_jax.train import rl_setup
-from opd_jax.train.artifacts import load_adapter
-from opd_jax.train.rl import run_rl
+from opd_jax.rl import nft
+from opd_jax.rl import setup as rl_setup
+from opd_jax.mini_world.artifacts import load_adapter
+from opd_jax.rl.trainer import run_rl
 import mini_testing
 
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from configs.opd import get_config
-from opd_jax.config_validation import ConfigError
-from opd_jax.pipeline import report
-from opd_jax.pipeline.mini_world import mini_world_stages
-from opd_jax.pipeline.stages import Recipe, expand_stages
+from opd_jax.opd.config import ConfigError
+from opd_jax.recipe import report
+from opd_jax.recipe.mini_world import mini_world_stages
+from opd_jax.recipe.stages import Recipe, expand_stages
 
 from cli_testing import run_main
 

@@ -5,9 +5,9 @@ import time
 import numpy as np
 import pytest
 
-from opd_jax.data.mini_world import grammar
-from opd_jax.data.mini_world import render
-from opd_jax.data.mini_world import sprites
+from opd_jax.mini_world import grammar
+from opd_jax.mini_world import render
+from opd_jax.mini_world import sprites
 from opd_jax.rewards import REWARDS
 from opd_jax.rewards import aesthetics
 from opd_jax.rewards import composition

@@ -21,12 +21,12 @@ from flax import nnx
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from configs.opd_sd35m import get_config
-from opd_jax.config_validation import ConfigError
+from opd_jax.opd.config import ConfigError
 from opd_jax.models.loading.pretrained import load_mmdit
 from opd_jax.models.lora import split_model
 from opd_jax.models.peft_io import RECIPE_LORA_TARGETS
 from opd_jax.parallel.mesh import make_mesh
-from opd_jax.train.opd_loop import train_opd
+from opd_jax.opd.trainer import train_opd
 
 from sd3_testing import tiny_pipeline
 

@@ -8,9 +8,9 @@ import pytest
 
 import mini_testing
 from configs.mini import pretrain as pretrain_config
-from opd_jax.train import artifacts
-from opd_jax.train import pretrain
-from opd_jax.train import shipped_base
+from opd_jax.mini_world import artifacts
+from opd_jax.pretrain import trainer as pretrain
+from opd_jax.mini_world import shipped_base
 
 
 def test_the_repo_ships_the_base_of_the_pretrain_config():

@@ -21,7 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # Where the frozen base comes from (opd_jax.train.opd_sources): a mini-world pretraining
+  # Where the frozen base comes from (opd_jax.opd.sources): a mini-world pretraining
   # artifact, whose meta sets every network size below, or 'random' (seeded init).
   c.base = ml_collections.ConfigDict()
   c.base.source = 'mini_world'

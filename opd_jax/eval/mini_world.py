@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from opd_jax.data.mini_world import conditioning
-from opd_jax.data.mini_world import latents as latent_codec
+from opd_jax.mini_world import conditioning
+from opd_jax.mini_world import latents as latent_codec
 from opd_jax.models.lora import zeros_like_adapter
-from opd_jax.models.mini_world import build_networks
+from opd_jax.mini_world.networks import build_networks
 from opd_jax.models.policy import Policy
 from opd_jax.parallel import sharding as shd
 from opd_jax.parallel.mesh import batch_axis_size, make_mesh
@@ -34,7 +34,7 @@ from opd_jax.rewards import composition_strict, get_reward
 from opd_jax.sampling.guidance import broadcast_uncond
 from opd_jax.sampling.rollout import rollout
 from opd_jax.sampling.schedule import flow_match_sigmas
-from opd_jax.train.artifacts import Adapter, BaseModel
+from opd_jax.mini_world.artifacts import Adapter, BaseModel
 
 
 def headline_metric(task: str) -> str:

@@ -11,7 +11,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from opd_jax.data.mini_world import render
+from opd_jax.mini_world import render
 
 
 def check_images(images: np.ndarray, prompts: Sequence[Union[str, bytes]]

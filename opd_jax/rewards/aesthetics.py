@@ -26,8 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
-from opd_jax.data.mini_world import grammar
-from opd_jax.data.mini_world import render
+from opd_jax.mini_world import grammar
+from opd_jax.mini_world import render
 from opd_jax.rewards import _inputs
 
 PALETTE_SCALE = 0.01

@@ -19,9 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
-from opd_jax.data.mini_world import grammar
-from opd_jax.data.mini_world import lexicon
-from opd_jax.data.mini_world import sprites
+from opd_jax.mini_world import grammar
+from opd_jax.mini_world import lexicon
+from opd_jax.mini_world import sprites
 from opd_jax.rewards import _inputs
 
 INK_LOW = 0.15

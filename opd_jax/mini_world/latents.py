@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from opd_jax.data.mini_world import render
+from opd_jax.mini_world import render
 
 IMAGE_CHANNELS = 3
 

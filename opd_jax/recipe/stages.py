@@ -14,7 +14,7 @@ interrupted RL or pretraining stage restarts (they take about a minute).
 
 The OPD student and the two baselines are evaluated during training by a `Probe` (off the
 clock) for the reward-vs-wall-clock plot; the report evaluates every model on the held-out
-prompts and writes report.json / report.md / PNGs (`opd_jax.pipeline.report`).
+prompts and writes report.json / report.md / PNGs (`opd_jax.recipe.report`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from opd_jax.config_validation import ConfigError
+from opd_jax.opd.config import ConfigError
 
 STAGE_FILE = 'stage.json'
 KEY_FILE = 'stage_key'

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import ml_collections
 from flax import nnx
 
-from opd_jax.config_validation import ConfigError
+from opd_jax.opd.config import ConfigError
 from opd_jax.data.prompt_source import RandomEmbeddingPrompts, TablePrompts
 
 
@@ -55,8 +55,8 @@ def _random_base(config, mesh=None) -> Base:
 
 def _mini_world_base(config, mesh=None) -> Base:
   """A mini-world pretraining artifact (`artifacts.save_base`): DiT + frozen text encoder."""
-  from opd_jax.models.mini_world import build_networks
-  from opd_jax.train import artifacts
+  from opd_jax.mini_world.networks import build_networks
+  from opd_jax.mini_world import artifacts
   path = _require_dir(config.base.path, 'base.path', 'a mini-world base directory (the '
                       'pretrain stage writes WORKDIR/pretrain/base)')
   try:
@@ -117,7 +117,7 @@ def _random_teachers(config, base: Base) -> None:
 
 def _artifact_teachers(config, base: Base) -> list:
   """Saved RL teachers (`artifacts.save_adapter`), one directory per task, in task order."""
-  from opd_jax.train import artifacts
+  from opd_jax.mini_world import artifacts
   paths = tuple(config.teachers.paths)
   tasks = tuple(config.data.tasks)
   if len(paths) != len(tasks):
@@ -181,7 +181,7 @@ def _random_prompts(config, base: Base, batch_per_task: int):
 
 def _mini_world_prompts(config, base: Base, batch_per_task: int):
   """Train prompts of every task, encoded once by the base's frozen text encoder."""
-  from opd_jax.data.mini_world import conditioning
+  from opd_jax.mini_world import conditioning
   if base.text_encoder is None:
     raise ConfigError("config.data.source: 'mini_world' prompts need the mini-world base's text "
                       "encoder (config.base.source = 'mini_world')")

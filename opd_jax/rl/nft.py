@@ -37,8 +37,8 @@ from opd_jax.models.policy import Policy
 from opd_jax.parallel import sharding as shd
 from opd_jax.parallel.mesh import make_mesh
 from opd_jax.sampling.schedule import NUM_TRAIN_TIMESTEPS
-from opd_jax.train import artifacts
-from opd_jax.train import rl_setup
+from opd_jax.mini_world import artifacts
+from opd_jax.rl import setup as rl_setup
 from opd_jax.train.probe import Probe
 from opd_jax.train.state import TrainState, ema_update
 

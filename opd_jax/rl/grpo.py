@@ -40,8 +40,8 @@ from opd_jax.objectives.per_step_kl import KernelSpec, gaussian_kl, kernel_mean
 from opd_jax.parallel import sharding as shd
 from opd_jax.parallel.mesh import make_mesh
 from opd_jax.sampling.transitions import gaussian_log_prob
-from opd_jax.train import artifacts
-from opd_jax.train import rl_setup
+from opd_jax.mini_world import artifacts
+from opd_jax.rl import setup as rl_setup
 from opd_jax.train.probe import Probe
 from opd_jax.train.state import TrainState, ema_update
 

@@ -13,7 +13,7 @@ with t logit-normal (SD3) or uniform, and each prompt replaced by "" with probab
 encoder and config sections as an `artifacts.save_base` artifact under workdir/base; every later
 stage starts from it. `config.ship` also writes it as the repo's shipped base, and
 `config.reuse_shipped` returns that shipped base instead of training when it was made with the
-same settings (opd_jax.train.shipped_base). The update is one jitted function with donated
+same settings (opd_jax.mini_world.shipped_base). The update is one jitted function with donated
 state and explicit shardings, like the OPD round.
 """
 
@@ -32,16 +32,16 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from opd_jax.data.mini_world import latents as latent_codec
-from opd_jax.data.mini_world import tfds_builder
-from opd_jax.data.mini_world import tokenizer
-from opd_jax.models.mini_world import build_networks, check_latent_matches_model
-from opd_jax.models.text_encoder import encode_tokens
+from opd_jax.mini_world import latents as latent_codec
+from opd_jax.mini_world import tfds_builder
+from opd_jax.mini_world import tokenizer
+from opd_jax.mini_world.networks import build_networks, check_latent_matches_model
+from opd_jax.mini_world.text_encoder import encode_tokens
 from opd_jax.parallel import sharding as shd
 from opd_jax.parallel.mesh import batch_axis_size, make_mesh
 from opd_jax.sampling.schedule import NUM_TRAIN_TIMESTEPS
-from opd_jax.train import artifacts
-from opd_jax.train import shipped_base
+from opd_jax.mini_world import artifacts
+from opd_jax.mini_world import shipped_base
 from opd_jax.train.metric_writer import MetricWriter, flatten_metrics
 from opd_jax.train.state import TrainState, create_train_state, ema_update
 

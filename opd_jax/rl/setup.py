@@ -31,10 +31,10 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from opd_jax.data.mini_world import conditioning
-from opd_jax.data.mini_world import latents as latent_codec
+from opd_jax.mini_world import conditioning
+from opd_jax.mini_world import latents as latent_codec
 from opd_jax.models.lora import zeros_like_adapter
-from opd_jax.models.mini_world import Networks, build_networks
+from opd_jax.mini_world.networks import Networks, build_networks
 from opd_jax.models.policy import Policy
 from opd_jax.parallel import sharding as shd
 from opd_jax.parallel.mesh import batch_axis_size
@@ -42,9 +42,9 @@ from opd_jax.rewards import get_reward
 from opd_jax.sampling.guidance import broadcast_uncond
 from opd_jax.sampling.rollout import Trajectory, rollout
 from opd_jax.sampling.schedule import flow_match_sigmas
-from opd_jax.train import artifacts
+from opd_jax.mini_world import artifacts
 from opd_jax.train.metric_writer import MetricWriter, flatten_metrics
-from opd_jax.train.opd_step import sample_keys
+from opd_jax.opd.round import sample_keys
 from opd_jax.train.probe import Probe, StageClock, maybe_probe
 from opd_jax.train.state import TrainState, make_optimizer, sharded_train_state
 

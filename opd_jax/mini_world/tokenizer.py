@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from opd_jax.data.mini_world import lexicon
+from opd_jax.mini_world import lexicon
 
 PAD, UNK, BOS, EOS, QUOTE = '<pad>', '<unk>', '<bos>', '<eos>', '"'
 VOCAB = (PAD, UNK, BOS, EOS, QUOTE) + lexicon.all_words() + tuple(lexicon.GLYPHS)

@@ -10,7 +10,7 @@ The output is exactly the conditioning dict that `opd_jax.models.dit.DiT.__call_
 (`context`, `pooled`, `context_mask`), so the samplers, objectives and trainers see the same
 conditioning they see with SD3's cached text embeddings. The encoder is trained jointly with the
 base DiT during pretraining and then frozen: the RL and OPD stages encode every prompt once
-(`opd_jax.data.mini_world.conditioning`) and never run it again.
+(`opd_jax.mini_world.conditioning`) and never run it again.
 
 Linears are `LoRALinear` with rank 0 (plain linears with logical-axis metadata), so the encoder's
 parameters shard by the same rules as the DiT's.
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from opd_jax.data.mini_world import tokenizer
+from opd_jax.mini_world import tokenizer
 from opd_jax.models.lora import LoRALinear, split_model
 
 

@@ -14,12 +14,12 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from opd_jax.config_validation import validate_opd_config
+from opd_jax.opd.config import validate_opd_config
 from opd_jax.parallel.mesh import batch_axis_size, make_mesh
 from opd_jax.train.checkpoint import Checkpointer
 from opd_jax.train.metric_writer import MetricWriter, flatten_metrics
-from opd_jax.train.opd_setup import build_opd, device_batch
-from opd_jax.train.opd_sources import load_inputs
+from opd_jax.opd.setup import build_opd, device_batch
+from opd_jax.opd.sources import load_inputs
 from opd_jax.train.probe import Probe, StageClock, maybe_probe
 
 

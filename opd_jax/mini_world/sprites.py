@@ -16,7 +16,7 @@ import itertools
 
 import numpy as np
 
-from opd_jax.data.mini_world import lexicon
+from opd_jax.mini_world import lexicon
 
 GLYPH_H = 5
 GLYPH_W = 3

@@ -13,9 +13,9 @@ from typing import Any
 
 from flax import nnx
 
-from opd_jax.data.mini_world import latents
+from opd_jax.mini_world import latents
 from opd_jax.models.registry import build_model
-from opd_jax.models.text_encoder import build_text_encoder
+from opd_jax.mini_world.text_encoder import build_text_encoder
 
 
 @dataclasses.dataclass

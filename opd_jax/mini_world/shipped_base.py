@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from opd_jax.data.mini_world import tfds_builder
-from opd_jax.train import artifacts
+from opd_jax.mini_world import tfds_builder
+from opd_jax.mini_world import artifacts
 
 ASSET_PREFIX = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'assets',
                             'mini_world_base')

@@ -30,10 +30,10 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from opd_jax.data.mini_world import grammar
-from opd_jax.data.mini_world import lexicon
-from opd_jax.data.mini_world import render
-from opd_jax.data.mini_world import tokenizer
+from opd_jax.mini_world import grammar
+from opd_jax.mini_world import lexicon
+from opd_jax.mini_world import render
+from opd_jax.mini_world import tokenizer
 
 
 @dataclasses.dataclass(eq=False)

@@ -1,8 +1,8 @@
 """The stages of the mini-world recipe (configs/opd.py), each a call into the shared trainers.
 
-  pretrain          opd_jax.train.pretrain.run_pretrain            → pretrain/base
-  teacher_<task>    opd_jax.train.rl.run_rl (Flow-GRPO or NFT)     → teacher_<task>/teacher
-  opd               opd_jax.train.opd_loop.train_opd               → opd/student
+  pretrain          opd_jax.pretrain.trainer.run_pretrain            → pretrain/base
+  teacher_<task>    opd_jax.rl.trainer.run_rl (Flow-GRPO or NFT)     → teacher_<task>/teacher
+  opd               opd_jax.opd.trainer.train_opd               → opd/student
   multitask_rl      run_rl, joint schedule over all tasks          → multitask_rl/teacher
   cascade_rl        run_rl, tasks one after another                → cascade_rl/teacher
   report            held-out evaluation of every model             → report.json, report.md, PNGs
@@ -18,13 +18,13 @@ import time
 
 import ml_collections
 
-from opd_jax.config_validation import ConfigError
+from opd_jax.opd.config import ConfigError
 
 from opd_jax.eval.mini_world import Evaluator
 from opd_jax.parallel.mesh import batch_axis_size, make_mesh
-from opd_jax.pipeline import report as report_lib
-from opd_jax.pipeline.stages import Recipe, Stage
-from opd_jax.train import artifacts
+from opd_jax.recipe import report as report_lib
+from opd_jax.recipe.stages import Recipe, Stage
+from opd_jax.mini_world import artifacts
 from opd_jax.train.probe import Probe
 
 
@@ -54,14 +54,14 @@ def _probe_meta(lora_cfg_rank: int, lora_alpha: float, cfg_scale: float) -> dict
 
 # --- stage runners ------------------------------------------------------------------------------
 def run_pretrain_stage(recipe: Recipe, directory: str) -> dict:
-  from opd_jax.train.pretrain import run_pretrain
+  from opd_jax.pretrain.trainer import run_pretrain
   out = run_pretrain(recipe.stage_config('pretrain'), directory, mesh=recipe.mesh)
   return {'artifact': out['base_dir'], 'train_seconds': out['wall_s'],
           'final_loss': out['metrics'].get('loss'), 'shipped': out.get('shipped', False)}
 
 
 def _run_rl_stage(recipe: Recipe, name: str, directory: str, with_probe: bool) -> dict:
-  from opd_jax.train.rl import run_rl
+  from opd_jax.rl.trainer import run_rl
   c = recipe.stage_config(name)
   probe = None
   if with_probe:
@@ -110,7 +110,7 @@ def opd_config(recipe: Recipe, tasks: tuple[str, ...] | None = None
 
 
 def run_opd_stage(recipe: Recipe, directory: str, tasks: tuple[str, ...] | None = None) -> dict:
-  from opd_jax.train.opd_loop import train_opd
+  from opd_jax.opd.trainer import train_opd
   c = opd_config(recipe, tasks)
   meta = {**_probe_meta(c.model.lora_rank, c.model.lora_alpha, c.rollout.cfg_scale),
           'tasks': list(c.data.tasks), 'stage': 'opd', 'weights': 'ema'}
@@ -155,8 +155,8 @@ def mini_world_stages(tasks: tuple[str, ...]) -> dict[str, Stage]:
 
 def run_mini_world(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> dict:
   """Runs the stages named in config.stages (configs/opd.py), skipping cached ones."""
-  from opd_jax.config_validation import validate_opd_config
-  from opd_jax.pipeline.stages import expand_stages
+  from opd_jax.opd.config import validate_opd_config
+  from opd_jax.recipe.stages import expand_stages
   tasks = tuple(config.tasks)
   if tuple(config.teachers.keys()) != tasks and set(config.teachers.keys()) != set(tasks):
     raise ConfigError(f'config.teachers: sections {sorted(config.teachers.keys())} do not match '

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opd_jax.data.mini_world import tfds_builder
-from opd_jax.data.mini_world import tokenizer
-from opd_jax.models.text_encoder import encode_tokens
+from opd_jax.mini_world import tfds_builder
+from opd_jax.mini_world import tokenizer
+from opd_jax.mini_world.text_encoder import encode_tokens
 
 
 def split_prompts(data_dir: str, split: str, dataset_config: str = 'default') -> list[str]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from opd_jax.train import artifacts
-from opd_jax.train.grpo import run_grpo
-from opd_jax.train.nft import run_nft
+from opd_jax.mini_world import artifacts
+from opd_jax.rl.grpo import run_grpo
+from opd_jax.rl.nft import run_nft
 from opd_jax.train.probe import Probe
 
 RUNNERS: dict[str, Callable[..., dict]] = {'grpo': run_grpo, 'nft': run_nft}

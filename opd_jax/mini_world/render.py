@@ -27,9 +27,9 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from opd_jax.data.mini_world import grammar
-from opd_jax.data.mini_world import lexicon
-from opd_jax.data.mini_world import sprites
+from opd_jax.mini_world import grammar
+from opd_jax.mini_world import lexicon
+from opd_jax.mini_world import sprites
 
 IMAGE_SIZE = 16
 CORRUPT_PROB = 0.5

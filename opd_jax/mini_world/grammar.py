@@ -29,7 +29,7 @@ from typing import ClassVar, Union
 
 import numpy as np
 
-from opd_jax.data.mini_world import lexicon
+from opd_jax.mini_world import lexicon
 
 NUM_TRAIN = 384
 NUM_TEST = 64

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from opd_jax.config_validation import num_train_steps
+from opd_jax.opd.config import num_train_steps
 from opd_jax.models.loading.pretrained import init_lora_state
 from opd_jax.models.lora import stack_adapters
 from opd_jax.models.policy import Policy
@@ -24,7 +24,7 @@ from opd_jax.models.registry import build_model
 from opd_jax.objectives.per_step_kl import KernelSpec
 from opd_jax.parallel import sharding as shd
 from opd_jax.sampling.schedule import flow_match_sigmas
-from opd_jax.train.opd_step import RoundSpec, make_round_fn
+from opd_jax.opd.round import RoundSpec, make_round_fn
 from opd_jax.train.checkpoint import abstract_with_shardings
 from opd_jax.train.state import make_optimizer, sharded_train_state
 
