@@ -11,7 +11,7 @@ student's own sampled trajectory with π_old = π_θ:
   detached_advantage      (here only) advantage −KL_j detached: its expected gradient is zero,
                           since KL_j depends on x_j only and E[∇log π(x_{j+1}|x_j) | x_j] = 0
 All three real estimators target g = Σ_j E_{x_j}[∇_θ KL_j(x_j)] (states held fixed; Eq. 21),
-compared with the paper's conventions reduction='sum', normaliser='paper' (σ̄² = σ_t²|Δt|), for
+compared with the paper's conventions reduction='sum', normaliser='sigma2_dt' (σ̄² = σ_t²|Δt|), for
 which E[log p_S − log p_T | x_j] is exactly the Gaussian KL_j.
 
 Settings: (a) a toy where student and teacher velocities are elementwise linear, v = α ⊙ x + β,
@@ -45,7 +45,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from opd_jax.objectives import OBJECTIVES                      # noqa: E402
-from opd_jax.objectives.per_step_kl import KernelSpec, kernel_mean  # noqa: E402
+from opd_jax.sampling.step import KernelSpec  # noqa: E402
+from opd_jax.sampling.step import transition_mean as kernel_mean  # noqa: E402
 from opd_jax.objectives.ppo import _step_quantities, clipped_surrogate  # noqa: E402
 from opd_jax.sampling.rollout import rollout                   # noqa: E402
 from opd_jax.sampling.schedule import flow_match_sigmas         # noqa: E402
@@ -176,7 +177,7 @@ def toy_gradients(name, ws, wt, sigmas, spec: KernelSpec, num_train: int, keys) 
     def loss(w):
       terms, _ = objective(name)(toy_velocity(w), toy_velocity(wt), traj, steps, cond, None,
                                  student_cfg=1.0, teacher_cfg=1.0, spec=spec, reduction='sum',
-                                 normaliser='paper', clip_range=1e-4, discount=0.0)
+                                 normaliser='sigma2_dt', clip_range=1e-4, discount=0.0)
       return terms.sum()
     g = jax.grad(loss)(ws)
     return jnp.concatenate([jnp.ravel(g['alpha']), jnp.ravel(g['beta'])])
@@ -236,7 +237,7 @@ def mini_world_study(workdir: str | None, noise_levels, num_samples: int, num_re
   params = setup.init_state().params
   prompts = [inputs.prompts.next_batch() for _ in range(num_samples + num_reference)]
   conds = jax.tree.map(lambda *xs: np.concatenate([x[0] for x in xs]), *prompts)  # [n, ...]
-  teacher = jnp.int32(0)
+  teacher = jnp.int32(int(setup.teacher_index[0]))
   # task_loss_and_grad looks objectives up by name: register the contrast estimator too.
   OBJECTIVES.setdefault('detached_advantage', detached_advantage)
   rows = {}
@@ -246,7 +247,7 @@ def mini_world_study(workdir: str | None, noise_levels, num_samples: int, num_re
     grads_by = {}
     for name in names:
       spec = dataclasses.replace(setup.spec, kernel=kernel, objective=name, reduction='sum',
-                                 normaliser='paper', time_reduction='sum')
+                                 normaliser='sigma2_dt', time_reduction='sum')
       def one(cond, key, spec=spec):
         cond = jax.tree.map(lambda x: x[None], cond)
         g, _ = task_loss_and_grad(spec, params, setup.frozen, cond, teacher, key[None])
@@ -281,18 +282,20 @@ def _mini_config(workdir: str | None, task: str):
   if workdir is None:
     c = get_config('standin')
     c.data.tasks = (task,)
-    c.teachers.cfg_scales = (4.5,)
+    with c.unlocked():
+      c.teachers.tasks = {task: {'path': '', 'cfg_scale': 4.5}}
     c.teachers.random_scale = 0.3
     return c, 'mini-world stand-in (random base, teacher, prompts: configs/mini/opd.py:standin)'
   c = get_config()
   c.base.path = os.path.join(workdir, 'pretrain', 'base')
-  c.teachers.paths = (os.path.join(workdir, f'teacher_{task}', 'teacher'),)
+  path = os.path.join(workdir, f'teacher_{task}', 'teacher')
   c.data.tasks = (task,)
   from opd_jax.mini_world import artifacts
-  teacher = artifacts.load_adapter(c.teachers.paths[0])
-  c.teachers.cfg_scales = (teacher.cfg_scale,)
-  c.model.lora_rank = int(teacher.meta['lora_rank'])
-  c.model.lora_alpha = float(teacher.meta['lora_alpha'])
+  teacher = artifacts.load_adapter(path)
+  with c.unlocked():
+    c.teachers.tasks = {task: {'path': path, 'cfg_scale': teacher.cfg_scale}}
+  c.lora.rank = int(teacher.meta['lora_rank'])
+  c.lora.alpha = float(teacher.meta['lora_alpha'])
   return c, f'mini-world student (base of {workdir}) with its {task} teacher'
 
 
@@ -308,7 +311,8 @@ TRAINING_RUNS = {
 def training_study(workdir: str, rounds: int, out_dir: str, probe_every: int) -> dict:
   """Trains the recipe's OPD student once per estimator, same rounds and batch; curves."""
   from configs.opd import get_config as recipe_config
-  from opd_jax.recipe.mini_world import curve_probe, mini_world_stages, opd_config
+  from opd_jax.recipe.evaluation import curve_probe
+  from opd_jax.recipe.mini_world import mini_world_stages, opd_config
   from opd_jax.recipe.stages import Recipe
   from opd_jax.opd.trainer import train_opd
   recipe = Recipe(recipe_config(), workdir, mini_world_stages(('composition', 'text',
@@ -318,25 +322,25 @@ def training_study(workdir: str, rounds: int, out_dir: str, probe_every: int) ->
   for label, (name, kernel, level) in TRAINING_RUNS.items():
     c = opd_config(recipe)
     c.objective.name = name
-    c.objective.reduction = 'sum'
-    c.objective.sde_normaliser = 'paper'
+    c.objective.kl_reduction = 'sum'
+    c.objective.kl_normaliser = 'sigma2_dt'
     c.rollout.kernel = kernel
     c.rollout.noise_level = level
-    c.train.num_rounds = rounds
+    c.train.num_steps = rounds
     c.train.checkpoint_every = rounds
-    meta = {'lora_rank': c.model.lora_rank, 'lora_alpha': c.model.lora_alpha,
+    meta = {'lora_rank': c.lora.rank, 'lora_alpha': c.lora.alpha,
             'cfg_scale': c.rollout.cfg_scale}
     probe = curve_probe(recipe, meta)
     run_dir = os.path.join(out_dir, label.replace(' ', '_').replace('=', ''))
     train_opd(c, run_dir, probe=probe)
     metrics = [json.loads(l) for l in open(os.path.join(run_dir, 'metrics.jsonl'))]
-    per_round = len(c.data.tasks) * c.data.prompts_per_device * jax.device_count()
+    per_round = len(c.data.tasks) * c.data.batch_size_per_device * jax.device_count()
     runs[label] = {'curve': probe.history, 'trajectories_per_round': per_round,
                    'kl': [{'step': m['step'], 'kl': m['loss'],
                            'train_seconds': m['train_seconds']} for m in metrics]}
   return {'rounds': rounds, 'runs': runs,
           'settings': 'recipe OPD stage (configs/mini/opd.py) with reduction=sum, '
-                      'sde_normaliser=paper for every estimator; same optimizer (AdamW 3e-3)'}
+                      'kl_normaliser=sigma2_dt for every estimator; same optimizer (AdamW 3e-3)'}
 
 
 # --- output -------------------------------------------------------------------------------------

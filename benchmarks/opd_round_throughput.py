@@ -11,7 +11,7 @@ steps and tasks; one AdamW step on the student LoRA (r, α on the eight attentio
 
 PyTorch: `SD3Transformer2DModel` with peft adapters 'student' and 'teacher<k>' switched with
 `set_adapter`, one backward per trained step (the way the official code bounds memory).
-opd_jax: `opd_setup.build_opd` on the same weights (loaded torch-free from the saved folder) and
+opd_jax: `opd.setup.build_opd` on the same weights (loaded torch-free from the saved folder) and
 the same teacher LoRAs (PEFT files written by the torch side), one jitted round. Both get the
 same batch shapes; timings exclude the first (compiling / warm-up) round.
 """
@@ -172,9 +172,10 @@ def jax_round_fn(folder: str, arrays: dict, size: str, dtype: str, rank: int, al
   c.model.transformer = ml_collections.ConfigDict(
       {k: list(v) if isinstance(v, tuple) else v for k, v in SIZES[size].items()})
   c.model.update(latent_size=LATENT[size], latent_channels=SIZES[size]['in_channels'],
-                 dtype=dtype, param_dtype=dtype, lora_rank=rank, lora_alpha=alpha,
-                 remat=size != 'small')
-  c.data.prompts_per_device = arrays['pooled'].shape[1]
+                 dtype=dtype, param_dtype=dtype, remat=size != 'small')
+  c.lora.update(rank=rank, alpha=alpha)
+  c.rollout.shift = 3.0
+  c.data.batch_size_per_device = arrays['pooled'].shape[1]
   mesh = make_mesh({'data': 1}, jax.devices()[:1])
   base = nnx.to_pure_dict(split_model(load_mmdit(os.path.join(folder, 'base'),
                                                  param_dtype=DTYPES[dtype]))[1])
@@ -185,7 +186,7 @@ def jax_round_fn(folder: str, arrays: dict, size: str, dtype: str, rank: int, al
   negative = {'context': arrays['neg_context'], 'pooled': arrays['neg_pooled']}
   setup = build_opd(c, mesh, negative, base_params=base, teachers=teachers)
   batch = device_batch(mesh, {'context': arrays['context'], 'pooled': arrays['pooled']},
-                       np.arange(3, dtype=np.int32))
+                       setup.teacher_index)
   box = {'state': setup.init_state()}
   flops = None
   try:

@@ -9,7 +9,7 @@ settings have not changed: `pretrain` (base DiT + text encoder), `teachers` (one
 task: DiffusionNFT for composition as in the paper, Flow-GRPO for text and aesthetics), `opd`
 (the student, distilled from all three), `multitask_rl` and `cascade_rl` (the baselines) and
 `report` (report.json / report.md, reward_vs_wallclock.png, samples_<task>.png). Every section
-is the config of that stage run alone (configs/mini/*.py), so --config.opd.train.num_rounds=..,
+is the config of that stage run alone (configs/mini/*.py), so --config.opd.train.num_steps=..,
 --config.teachers.text.train.num_steps=.. etc. work as they would there. `:smoke` is a tiny
 version for tests.
 """
@@ -31,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f'configs/opd.py: unknown variant(s) {words}; expected smoke or nothing')
   smoke = ',smoke' if 'smoke' in flags else ''
   c = ml_collections.ConfigDict()
+  c.trainer = 'recipe'
   c.seed = 0                        # applied to every stage (different seed → new stage keys)
   c.tasks = common.TASKS
   c.stages = 'pretrain,teachers,opd,multitask_rl,cascade_rl,report'

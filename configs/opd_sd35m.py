@@ -2,30 +2,47 @@
 
     python -m opd_jax.main --config=configs/opd_sd35m.py --workdir=runs/opd_sd35m \
         --config.base.path=/models/stable-diffusion-3.5-medium \
-        --config.teachers.paths="('/adapters/GenEvalTeacher','/adapters/OCRTeacher','/adapters/AesTeacher')" \
+        --config.teachers.tasks.composition.path=/adapters/GenEvalTeacher \
+        --config.teachers.tasks.text.path=/adapters/OCRTeacher \
+        --config.teachers.tasks.aesthetics.path=/adapters/AesTeacher \
         --config.data.embeddings_dir=/data/opd_prompt_cache
 
-`base.path` is a diffusers SD3.5-M folder (its transformer/ is loaded torch-free), the teachers
-are PEFT LoRA folders in data.tasks order, and the prompt cache comes from
+`base.path` is a diffusers SD3.5-M folder (its transformer/ is loaded torch-free; the rollout's
+schedule shift is read from its scheduler config), the teachers are PEFT LoRA folders declared
+per task with their own CFG scale, and the prompt cache comes from
 `python -m opd_jax.tools.encode_prompts` (task names as in data.tasks, T5 length 128). Missing
 paths stop the run with one line naming the field. The trained EMA student is exported in PEFT
 format to WORKDIR/student_peft (diffusers + peft load it).
 
 Variants: `sde` (the SDE ablation: Flow-GRPO kernel, a = 0.7), `single:<task>` (single-teacher
-OPD on one task, e.g. single:text). Batch sizes follow the device count: 3 prompts per task per
-device, 8 devices → 72 trajectories a round, as released.
+OPD on one task, e.g. single:text). The batch is 3 prompts per task per device (8 devices → 72
+trajectories a round, as released) or, with --config.data.batch_size=24
+--config.data.batch_size_per_device=0, 24 per task whatever the device count.
 """
 
 import ml_collections
 
-from configs.optimizer import adamw
+from configs import sections
 
 TASKS = ('composition', 'text', 'aesthetics')     # GenEval, OCR, PickScore prompt sets
 TEACHER_CFG = {'composition': 1.0, 'text': 4.5, 'aesthetics': 4.5}   # GenEval teacher: CFG-free
 
 
+def teachers(tasks) -> ml_collections.ConfigDict:
+  """PEFT teachers declared by task: folder and the teacher's own CFG scale."""
+  t = ml_collections.ConfigDict()
+  t.kind = 'lora'
+  t.source = 'peft'
+  t.random_scale = 0.0               # unused ('random' stand-ins only)
+  t.tasks = ml_collections.ConfigDict({
+      task: ml_collections.ConfigDict({'path': '', 'cfg_scale': TEACHER_CFG[task]})
+      for task in tasks})
+  return t
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.trainer = 'opd'
   c.seed = 0
 
   c.base = ml_collections.ConfigDict()
@@ -42,30 +59,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.remat = True               # one block's activations live in the backward pass
   c.model.remat_policy = ''          # '' : recompute everything; or a jax.checkpoint_policies name
   c.model.scan_layers = False        # True: lax.scan over runs of identical blocks (faster compile)
-  c.model.lora_rank = 32             # student (and teachers') LoRA on the 8 attention projections
-  c.model.lora_alpha = 64.0
-  c.model.lora_init = 'gaussian'
+  c.lora = sections.lora(32, 64.0)   # student LoRA on the 8 attention projections (spec §5)
 
   c.student = ml_collections.ConfigDict()
   c.student.kind = 'lora'
 
-  c.teachers = ml_collections.ConfigDict()
-  c.teachers.kind = 'lora'
-  c.teachers.source = 'peft'
-  c.teachers.paths = ('', '', '')    # PEFT folders, in data.tasks order
-  c.teachers.random_scale = 0.0      # unused ('random' stand-ins only)
-  c.teachers.cfg_scales = tuple(TEACHER_CFG[t] for t in TASKS)
+  c.teachers = teachers(TASKS)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'sd3_embeddings'
   c.data.embeddings_dir = ''         # python -m opd_jax.tools.encode_prompts --out_dir=...
   c.data.tasks = TASKS
   c.data.max_prompts = 0             # 0: every train prompt of each task
-  c.data.prompts_per_device = 3      # per task per device
+  c.data.batch_size = 0              # prompts per task per round, global (0: per device)
+  c.data.batch_size_per_device = 3   # per task per device
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.num_steps = 10
-  c.rollout.shift = 3.0
+  c.rollout.shift = 0.0              # 0: the checkpoint's scheduler shift (SD3.5-M: 3.0)
   c.rollout.kernel = 'ode'
   c.rollout.noise_level = 0.0
   c.rollout.cfg_scale = 4.5
@@ -75,35 +86,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.objective.name = 'analytic'
   c.objective.clip_range = 1e-4
   c.objective.discount = 0.0
-  c.objective.reduction = 'mean'
-  c.objective.sde_normaliser = 'recipe'
+  c.objective.kl_reduction = 'mean'
+  c.objective.kl_normaliser = 'sigma2'
   c.objective.timestep_fraction = 0.99   # int(10 · 0.99) = 9 of 10 steps trained
   c.objective.time_reduction = 'mean'
-  c.objective.num_microbatches = 1
-  c.objective.timestep_chunks = 1
 
-  c.optimizer = adamw(3e-4)
+  c.optimizer = sections.adamw(3e-4)
 
-  c.ema = ml_collections.ConfigDict()
-  c.ema.max_decay = 0.9              # min((1+s)/(10+s), 0.9), every 8 steps
-  c.ema.every = 8
+  # As released: min((1+k)/(10+k), 0.9) once per task micro-batch (3 per round), active on
+  # (k + 1) % 8 == 0 (teachers_rewards_eval.md §1).
+  c.ema = sections.ema(0.9, every=8, updates_per_step=len(TASKS))
 
   # Evaluation settings of the recipe (40-step Euler ODE at CFG 4.5 on EMA weights), recorded
   # with the run for opd_jax.sample and benchmark scripts.
   c.eval = ml_collections.ConfigDict()
   c.eval.num_steps = 40
   c.eval.cfg_scale = 4.5
-  c.eval.use_ema = True
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.shape = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+  c.mesh = sections.mesh()
 
-  c.train = ml_collections.ConfigDict()
-  c.train.num_rounds = 2000
-  c.train.log_every = 1
-  c.train.checkpoint_every = 100
-  c.train.keep_checkpoints = 3
-  c.train.async_checkpoints = True
+  c.train = sections.train(num_steps=2000, checkpoint_every=100)
+  c.train.num_microbatches = 1       # per task; gradients accumulate in one buffer
+  c.train.timestep_chunks = 1        # trained steps vmapped in this many chunks (memory)
   c.train.export_peft = True         # EMA student → WORKDIR/student_peft at the end
 
   variant = arg or ''
@@ -116,8 +120,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       raise ValueError(f'configs/opd_sd35m.py: single:<task> with a task from {TASKS}, got '
                        f'{task!r}')
     c.data.tasks = (task,)
-    c.teachers.paths = ('',)
-    c.teachers.cfg_scales = (TEACHER_CFG[task],)
+    c.teachers = teachers((task,))
+    c.ema.updates_per_step = 1
   elif variant:
     raise ValueError(f'configs/opd_sd35m.py: unknown variant {variant!r}; expected sde or '
                      'single:<task>')

@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from opd_jax.models.loading.pretrained import load_mmdit, load_vae
-from opd_jax.models.loading.safetensors_io import read_json
+from opd_jax.models.loading.pretrained import load_mmdit, load_vae, scheduler_shift
 from opd_jax.models.mmdit import MMDiT
 from opd_jax.models.peft_io import adapter_from_peft, read_peft_adapter
 from opd_jax.models.vae import AutoencoderKL, images_to_uint8
@@ -36,19 +35,6 @@ from opd_jax.sampling.rollout import rollout
 from opd_jax.sampling.schedule import flow_match_sigmas
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
-
-def scheduler_shift(model_dir: str | os.PathLike) -> float:
-  """The schedule shift of a pipeline folder's FlowMatchEulerDiscreteScheduler config.
-
-  Raises:
-    ValueError: the scheduler uses resolution-dependent (dynamic) shifting, which this sampler
-      does not implement.
-  """
-  config = read_json(os.path.join(os.fspath(model_dir), 'scheduler', 'scheduler_config.json'))
-  if config.get('use_dynamic_shifting'):
-    raise ValueError('use_dynamic_shifting schedulers are not supported; pass --shift')
-  return float(config.get('shift', 1.0))
 
 
 def load_transformer(model_dir: str | os.PathLike, adapter: str | os.PathLike | None = None, *,

@@ -1,7 +1,6 @@
 """Shared builders for OPD tests: a tiny config, meshes and one round on a given mesh."""
 
 import jax
-import numpy as np
 
 from configs.mini.opd import get_config
 from opd_jax.data.prompt_source import RandomEmbeddingPrompts
@@ -19,13 +18,14 @@ def tiny_config(**overrides):
   c.model.pooled_dim = 8
   c.model.latent_size = 4
   c.model.latent_channels = 2
-  c.model.lora_rank = 4
+  c.lora.rank = 4
   c.data.context_length = 4
   c.rollout.num_steps = 4
   c.objective.timestep_fraction = 0.75
   c.teachers.random_scale = 0.3
   c.optimizer.lr = 1e-2
   c.ema.every = 1
+  c.ema.updates_per_step = 1
   return override(c, **overrides)
 
 
@@ -40,10 +40,9 @@ def run_rounds(config, mesh, rounds, batch_per_task=8):
                                   config.model.pooled_dim, batch_per_task, seed=config.seed)
   setup = build_opd(config, mesh, source.negative())
   state = setup.init_state()
-  teacher = np.arange(len(config.data.tasks), dtype=np.int32)
   metrics = []
   for _ in range(rounds):
     state, m = setup.round_fn(state, setup.frozen, device_batch(mesh, source.next_batch(),
-                                                                 teacher))
+                                                                 setup.teacher_index))
     metrics.append(jax.device_get(m))
   return jax.device_get(state), metrics, setup

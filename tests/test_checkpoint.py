@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 
 from opd_testing import mesh_of, tiny_config
+from opd_jax.errors import NonFiniteError
 from opd_jax.train.checkpoint import CheckpointError, Checkpointer
 from opd_jax.opd.trainer import train_opd
 
 
 def _config(rounds, **kw):
-  return tiny_config(**{'train.num_rounds': rounds, 'train.checkpoint_every': 2, **kw})
+  return tiny_config(**{'train.num_steps': rounds, 'train.checkpoint_every': 2, **kw})
 
 
 def _same(a, b, atol=0.0):
@@ -32,10 +33,11 @@ def test_resume_continues_exactly_as_uninterrupted(tmp_path):
 
 def test_restore_onto_a_different_mesh(tmp_path):
   # The global batch is prompts_per_device × batch devices: 4 × 2 before, 1 × 8 after.
-  full, _ = train_opd(_config(4, **{'data.prompts_per_device': 4}), str(tmp_path / 'a'),
+  full, _ = train_opd(_config(4, **{'data.batch_size_per_device': 4}), str(tmp_path / 'a'),
                       mesh=mesh_of(2))
-  train_opd(_config(2, **{'data.prompts_per_device': 4}), str(tmp_path / 'b'), mesh=mesh_of(2))
-  resumed, _ = train_opd(_config(4, **{'data.prompts_per_device': 1}), str(tmp_path / 'b'),
+  train_opd(_config(2, **{'data.batch_size_per_device': 4}), str(tmp_path / 'b'),
+            mesh=mesh_of(2))
+  resumed, _ = train_opd(_config(4, **{'data.batch_size_per_device': 1}), str(tmp_path / 'b'),
                          mesh=mesh_of(4, 2))
   _same(full.params, resumed.params, atol=1e-5)
   _same(full.opt_state, resumed.opt_state, atol=1e-5)
@@ -47,25 +49,23 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
   assert steps == [4, 6]
 
 
-def test_corrupt_checkpoint_fails_clearly(tmp_path):
+def test_unusable_checkpoints_fail_clearly(tmp_path):
   train_opd(_config(2), str(tmp_path), mesh=mesh_of(1))
   state_dir = tmp_path / 'checkpoints' / '2' / 'state'
   for root, _, files in os.walk(state_dir):
     for f in files:
       with open(os.path.join(root, f), 'wb') as fh:
         fh.write(b'garbage')
-  with pytest.raises(CheckpointError, match='could not restore checkpoint step 2'):
+  with pytest.raises(CheckpointError, match='every checkpoint'):
     train_opd(_config(4), str(tmp_path), mesh=mesh_of(1))
 
 
-def test_restore_without_checkpoint_fails_clearly(tmp_path):
-  with pytest.raises(CheckpointError, match='no checkpoint found'):
-    Checkpointer(str(tmp_path / 'empty')).restore(None)
+def test_restore_without_checkpoint_is_none(tmp_path):
+  assert Checkpointer(str(tmp_path / 'empty')).restore(None) is None
 
 
 def test_nan_loss_stops_without_saving(tmp_path):
-  from opd_jax.opd.trainer import NonFiniteLossError
   config = _config(2, **{'teachers.random_scale': float('inf')})
-  with pytest.raises(NonFiniteLossError, match='loss is nan'):
+  with pytest.raises(NonFiniteError, match='loss is nan'):
     train_opd(config, str(tmp_path), mesh=mesh_of(1))
   assert not [d for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit()]

@@ -5,7 +5,8 @@ import os
 import pytest
 
 from configs.mini.opd import get_config
-from opd_jax.opd.config import ConfigError, validate_opd_config
+from opd_jax.errors import ConfigError
+from opd_jax.opd.config import validate as validate_opd_config
 
 from cli_testing import run_main
 
@@ -20,11 +21,11 @@ def test_default_and_smoke_configs_are_valid():
     ('rollout.kernel', 'heun', 'config.rollout.kernel'),
     ('rollout.num_steps', 0, 'config.rollout.num_steps'),
     ('rollout.noise_level', -0.1, 'config.rollout.noise_level'),
-    ('objective.reduction', 'max', 'config.objective.reduction'),
-    ('objective.sde_normaliser', 'other', 'config.objective.sde_normaliser'),
+    ('objective.kl_reduction', 'max', 'config.objective.kl_reduction'),
+    ('objective.kl_normaliser', 'paper', 'config.objective.kl_normaliser'),
     ('objective.timestep_fraction', 0.05, 'config.objective.timestep_fraction'),
-    ('objective.timestep_chunks', 4, 'config.objective.timestep_chunks'),
-    ('objective.num_microbatches', 2, 'config.objective.num_microbatches'),
+    ('train.timestep_chunks', 4, 'config.train.timestep_chunks'),
+    ('train.num_microbatches', 2, 'config.train.num_microbatches'),
     ('objective.name', 'ppo', 'config.objective.name'),
     ('objective.name', 'ppo_sampled_logratio', 'config.objective.name'),
     ('objective.discount', 2.0, 'config.objective.discount'),
@@ -34,9 +35,12 @@ def test_default_and_smoke_configs_are_valid():
     ('model.num_heads', 5, 'config.model.num_heads'),
     ('model.patch_size', 3, 'config.model.patch_size'),
     ('model.dtype', 'int8', 'config.model.dtype'),
-    ('model.lora_rank', 0, 'config.model.lora_rank'),
+    ('lora.rank', 0, 'config.lora.rank'),
     ('student.kind', 'qlora', 'config.student.kind'),
-    ('teachers.cfg_scales', (4.5,), 'config.teachers.cfg_scales'),
+    ('rollout.cfg_scale', -1.0, 'config.rollout.cfg_scale'),
+    ('data.batch_size', 4, 'config.data.batch_size'),
+    ('ema.every', 0, 'config.ema.every'),
+    ('ema.updates_per_step', 0, 'config.ema.updates_per_step'),
     ('train.checkpoint_every', 0, 'config.train.checkpoint_every'),
 ])
 def test_bad_values_name_the_field(field, value, message):
@@ -44,6 +48,17 @@ def test_bad_values_name_the_field(field, value, message):
   section, leaf = field.split('.')
   c[section][leaf] = value
   with pytest.raises(ConfigError, match=message.replace('.', r'\.')):
+    validate_opd_config(c)
+
+
+def test_teachers_are_declared_for_exactly_the_tasks():
+  c = get_config()
+  c.data.tasks = ('composition', 'text')
+  with pytest.raises(ConfigError, match=r"config\.teachers\.tasks: teacher\(s\) \['aesthetics'\]"):
+    validate_opd_config(c)
+  c = get_config()
+  c.teachers.tasks.text.cfg_scale = 0.5
+  with pytest.raises(ConfigError, match=r'config\.teachers\.tasks\.text\.cfg_scale'):
     validate_opd_config(c)
 
 
@@ -85,12 +100,11 @@ def test_missing_teacher_paths_name_the_field():
   from opd_jax.opd.sources import load_inputs
   c = get_config('standin,smoke')
   c.teachers.source = 'artifacts'
-  c.teachers.paths = ('',)
-  with pytest.raises(ConfigError, match=r'config\.teachers\.paths: 1 paths for the 3 tasks'):
+  with pytest.raises(ConfigError, match=r'config\.teachers\.tasks\.\w+\.path: no path'):
     load_inputs(c, batch_per_task=2)
 
 
 def test_cli_runs_a_single_rl_stage_config_and_needs_its_base(tmp_path):
   proc = run_main('configs/mini/grpo.py:text,smoke', tmp_path, timeout=300)
   assert proc.returncode == 1
-  assert proc.stderr.strip().splitlines()[-1].startswith('error: config.base_path')
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: config.base.path')

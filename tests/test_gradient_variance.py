@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 
 import gradient_variance as gv  # noqa: E402
-from opd_jax.objectives.per_step_kl import KernelSpec  # noqa: E402
+from opd_jax.sampling.step import KernelSpec  # noqa: E402
 from opd_jax.sampling.schedule import flow_match_sigmas  # noqa: E402
 
 

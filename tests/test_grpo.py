@@ -10,7 +10,7 @@ from configs.mini import common
 from configs.mini import grpo as grpo_config
 from configs.mini import multitask_rl as multitask_rl_config
 from opd_jax.mini_world import conditioning
-from opd_jax.rl import grpo
+from opd_jax.rl import advantages, grpo, prompts, sampler
 from opd_jax.rl import setup as rl_setup
 from opd_jax.mini_world.artifacts import load_adapter
 from opd_jax.opd.setup import build_opd, device_batch
@@ -24,7 +24,7 @@ def test_group_advantages_normalise_per_prompt_group():
   task = np.repeat([0, 0, 1, 1], 6)
   rewards = rng.uniform(size=24) * np.repeat([1.0, 0.1, 10.0, 1.0], 6)
   rewards[18:] = 0.3                       # a constant group: no signal, zero advantage
-  adv = rl_setup.group_advantages(rewards, group, task, 'group')
+  adv = advantages.group_advantages(rewards, group, task, 'group')
   for g in range(4):
     a = adv[group == g]
     assert abs(a.mean()) < 1e-5
@@ -32,8 +32,8 @@ def test_group_advantages_normalise_per_prompt_group():
   np.testing.assert_array_equal(adv[18:], 0.0)
   # The reward scale of a group does not matter.
   np.testing.assert_allclose(
-      rl_setup.group_advantages(rewards[:18] * 7, group[:18], task[:18], 'group', eps=0.0),
-      rl_setup.group_advantages(rewards[:18], group[:18], task[:18], 'group', eps=0.0),
+      advantages.group_advantages(rewards[:18] * 7, group[:18], task[:18], 'group', eps=0.0),
+      advantages.group_advantages(rewards[:18], group[:18], task[:18], 'group', eps=0.0),
       rtol=1e-5)
 
 
@@ -42,7 +42,7 @@ def test_group_advantages_with_per_task_std():
   group = np.repeat(np.arange(4), 5)
   task = np.repeat([0, 0, 1, 1], 5)
   rewards = rng.uniform(size=20) * np.repeat([1.0, 1.0, 100.0, 100.0], 5)
-  adv = rl_setup.group_advantages(rewards, group, task, 'task', eps=0.0)
+  adv = advantages.group_advantages(rewards, group, task, 'task', eps=0.0)
   centred = rewards - np.repeat([rewards[group == g].mean() for g in range(4)], 5)
   for k in range(2):
     sel = task == k
@@ -51,21 +51,21 @@ def test_group_advantages_with_per_task_std():
   # Each task is normalised by its own scale: both tasks' advantages are O(1).
   assert 0.3 < np.abs(adv[task == 0]).mean() / np.abs(adv[task == 1]).mean() < 3
   with pytest.raises(ValueError, match='std_scope'):
-    rl_setup.group_advantages(rewards, group, task, 'batch')
+    advantages.group_advantages(rewards, group, task, 'batch')
 
 
 def test_task_schedules():
-  assert rl_setup.active_tasks('joint', 3, 5, 9) == (0, 1, 2)
-  assert [rl_setup.active_tasks('cascade', 3, s, 9) for s in range(9)] == (
+  assert prompts.active_tasks('joint', 3, 5, 9) == (0, 1, 2)
+  assert [prompts.active_tasks('cascade', 3, s, 9) for s in range(9)] == (
       [(0,)] * 3 + [(1,)] * 3 + [(2,)] * 3)
-  assert rl_setup.active_tasks('cascade', 2, 9, 10) == (1,)
+  assert prompts.active_tasks('cascade', 2, 9, 10) == (1,)
 
 
 def test_prompt_batches_are_balanced_groups():
   sets = [conditioning.PromptSet(t, [f'{t}{i}' for i in range(5)],
                                  {'pooled': np.arange(5, dtype=np.float32)[:, None] + 10 * k})
           for k, t in enumerate(('a', 'b', 'c'))]
-  src = rl_setup.RLPrompts(sets, prompts_per_step=6, group_size=4, seed=0)
+  src = prompts.RLPrompts(sets, prompts_per_step=6, group_size=4, seed=0)
   rb = src.next((0, 1, 2))
   assert len(rb.prompts) == 24 and rb.cond['pooled'].shape == (24, 1)
   np.testing.assert_array_equal(np.bincount(rb.task), [8, 8, 8])
@@ -77,12 +77,12 @@ def test_prompt_batches_are_balanced_groups():
   for p, t, c in zip(rb.prompts, rb.task, rb.cond['pooled'][:, 0]):
     assert c == int(p[1:]) + 10 * t
   # An epoch visits every prompt of a task before repeating.
-  one = rl_setup.RLPrompts(sets, prompts_per_step=1, group_size=2, seed=0)
+  one = prompts.RLPrompts(sets, prompts_per_step=1, group_size=2, seed=0)
   assert len({one.next((0,)).prompts[0] for _ in range(5)}) == 5
 
 
 def _tiny_grpo(**kv):
-  defaults = {'train.num_steps': 2, 'data.prompts_per_step': 2, 'data.group_size': 4,
+  defaults = {'train.num_steps': 2, 'data.batch_size': 2, 'data.group_size': 4,
               'grpo.kl_beta': 0.04}
   defaults.update(kv)
   return mini_testing.tiny_rl_config(grpo_config, 'text', **defaults)
@@ -94,14 +94,15 @@ def test_ratio_is_exactly_one_on_the_first_inner_step():
   base = mini_testing.tiny_base()
   mesh = mini_testing.mesh_of(1)
   setup = rl_setup.build_rl(config, mesh, base)
-  prompts = rl_setup.load_rl_prompts(config, base, setup.nets)
+  rl_prompts = prompts.load_rl_prompts(config, (setup.nets.text_graphdef, base.text_encoder),
+                                       config.data.batch_size)
   state = setup.init_state()
   # A non-zero adapter, so the student differs from the reference.
   params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(3), x.shape),
                         state.params)
-  rb = prompts.next((0,))
+  rb = rl_prompts.next((0,))
   cond = jax.tree.map(jnp.asarray, rb.cond)
-  traj, images = jax.jit(rl_setup.make_sample_fn(setup, config.rollout))(
+  traj, images = jax.jit(sampler.make_sample_fn(setup, config.rollout))(
       params, setup.frozen, cond, state.rng, jnp.int32(0))
   assert images.shape == (8, 16, 16, 3)
   spec = grpo.grpo_spec(config, setup.sigmas)
@@ -123,7 +124,7 @@ def test_multitask_grpo_smoke_run_saves_a_teacher_usable_by_opd(tmp_path):
   the saved adapter then serves as frozen OPD teachers."""
   config = mini_testing.tiny_rl_config(multitask_rl_config, 'grpo',
                                        **{'train.inner_epochs': 2, 'grpo.kl_beta': 0.04})
-  assert config.data.prompts_per_step == 3 and config.advantage.std_scope == 'task'
+  assert config.data.batch_size == 3 and config.advantage.std_scope == 'task'
   out = run_rl(config, str(tmp_path), mini_testing.tiny_base_dir(),
                mesh=mini_testing.mesh_of(2))
   m = out['metrics']
@@ -139,9 +140,10 @@ def test_multitask_grpo_smoke_run_saves_a_teacher_usable_by_opd(tmp_path):
   base = mini_testing.tiny_base()
   c = opd_config.get_config('smoke')
   c.model.update(base.meta['model'])
-  c.model.lora_rank, c.model.lora_alpha = config.lora.rank, config.lora.alpha
+  c.lora.rank, c.lora.alpha = config.lora.rank, config.lora.alpha
   c.rollout.num_steps = 2
-  c.teachers.cfg_scales = (teacher.cfg_scale,) * 3
+  for t in c.teachers.tasks.values():
+    t.cfg_scale = teacher.cfg_scale
   nets = rl_setup.build_rl(config, mini_testing.mesh_of(1), base).nets
   negative = conditioning.negative_conditioning(nets.text_graphdef, base.text_encoder)
   mesh = mini_testing.mesh_of(1)
@@ -162,12 +164,12 @@ def test_grpo_raises_a_reward_in_two_dozen_iterations(tmp_path, monkeypatch):
   image brightness, scored through the trainer's own reward hook; the real task rewards are
   exercised by the measured runs (see configs/mini/grpo.py).
   """
-  monkeypatch.setattr(rl_setup, 'compute_rewards',
+  monkeypatch.setattr(advantages, 'compute_rewards',
                       lambda images, prompts, task, names: images.mean(axis=(1, 2, 3)))
-  config = _tiny_grpo(**{'train.num_steps': 24, 'data.prompts_per_step': 2,
+  config = _tiny_grpo(**{'train.num_steps': 24, 'data.batch_size': 2,
                          'data.group_size': 8, 'data.max_prompts': 2, 'grpo.kl_beta': 0.0,
                          'optimizer.lr': 3e-3, 'grpo.clip_range': 0.05})
-  out = grpo.run_grpo(config, str(tmp_path), mini_testing.tiny_base_dir(),
-                      mesh=mini_testing.mesh_of(1))
+  out = run_rl(config, str(tmp_path), mini_testing.tiny_base_dir(),
+               mesh=mini_testing.mesh_of(1))
   curve = np.array([h['text'] for h in out['reward_history']])
   assert curve[-4:].mean() > curve[:4].mean() + 0.05, curve

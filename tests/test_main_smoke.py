@@ -21,8 +21,8 @@ def test_main_runs_and_resumes(tmp_path):
   assert all(r['loss'] >= 0 for r in rows) and 'kl_per_task/text' in rows[0]
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '3']
   assert os.listdir(tmp_path / 'tensorboard')
-  second = _main(tmp_path, '--config.train.num_rounds=5')
+  second = _main(tmp_path, '--config.train.num_steps=5')
   assert second.returncode == 0, second.stderr[-2000:]
-  assert 'resumed from round 3' in second.stdout
+  assert 'resumed from step 3' in second.stdout
   rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   assert [r['step'] for r in rows] == [1, 2, 3, 4, 5]

@@ -15,6 +15,7 @@ from opd_jax.mini_world import tokenizer
 from opd_jax.mini_world.networks import build_networks
 from opd_jax.mini_world.text_encoder import encode_tokens
 from opd_jax.pretrain import trainer as pretrain
+from opd_jax.train.state import create_train_state, make_optimizer
 from opd_jax.mini_world.artifacts import load_base
 import mini_testing
 
@@ -53,8 +54,8 @@ def test_flow_matching_step_reduces_the_loss_on_a_fixed_batch():
   nets = build_networks(c.model, c.text_encoder, seed=0)
   params = {'dit': nnx.to_pure_dict(nets.dit_base),
             'text_encoder': nnx.to_pure_dict(nets.text_params)}
-  tx = pretrain.make_pretrain_optimizer(c.optimizer, 100)
-  state = pretrain.create_train_state(params, tx, 0)
+  tx = make_optimizer(c.optimizer, 100)
+  state = create_train_state(params, tx, 0)
   step = jax.jit(pretrain.make_pretrain_step(c, nets.dit_graphdef, nets.text_graphdef, tx))
   data = pretrain.PretrainData(c.data.data_dir, 'small', 1, 8, seed=0)
   batch = data.batch(0)

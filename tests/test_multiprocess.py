@@ -16,7 +16,7 @@ import pytest
 from cli_testing import ROOT, child_env, main_command, run_main
 
 CONFIG = 'configs/mini/opd.py:standin,smoke'
-FLAGS = ('--config.data.prompts_per_device=1', '--config.train.checkpoint_every=2',
+FLAGS = ('--config.data.batch_size_per_device=1', '--config.train.checkpoint_every=2',
          '--config.train.async_checkpoints=False')
 
 
@@ -27,7 +27,7 @@ def _free_port() -> int:
 
 
 def _single(workdir, rounds):
-  proc = run_main(CONFIG, workdir, *FLAGS, f'--config.train.num_rounds={rounds}', devices=8)
+  proc = run_main(CONFIG, workdir, *FLAGS, f'--config.train.num_steps={rounds}', devices=8)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
@@ -35,7 +35,7 @@ def _single(workdir, rounds):
 def _pair(workdir, rounds):
   port = _free_port()
   procs = [subprocess.Popen(main_command(CONFIG, workdir, *FLAGS,
-                                          f'--config.train.num_rounds={rounds}',
+                                          f'--config.train.num_steps={rounds}',
                                           '--distributed',
                                           f'--coordinator_address=127.0.0.1:{port}',
                                           '--num_processes=2', f'--process_id={i}'),

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opd_jax.objectives.per_step_kl import KernelSpec, gaussian_kl, per_step_kl
+from opd_jax.objectives.per_step_kl import gaussian_kl, per_step_kl
+from opd_jax.sampling.step import KernelSpec
 from opd_jax.sampling.schedule import flow_match_sigmas
 
 SIGMAS = jnp.asarray(flow_match_sigmas(10, 3.0))
@@ -20,7 +21,7 @@ def test_closed_form_matches_monte_carlo():
   mu_s, mu_t = rng.standard_normal(d), rng.standard_normal(d) * 0.5
   closed = float(gaussian_kl(jnp.asarray(mu_s[None]), jnp.asarray(mu_t[None]),
                              jnp.float32(std), jnp.float32(-0.1), deterministic=False,
-                             reduction='sum', normaliser='paper')[0])
+                             reduction='sum', normaliser='sigma2_dt')[0])
   x = mu_s + std * rng.standard_normal((200_000, d))
   log_ratio = (-(x - mu_s)**2 + (x - mu_t)**2).sum(1) / (2 * std**2)
   est, err = log_ratio.mean(), log_ratio.std() / np.sqrt(len(log_ratio))
@@ -33,7 +34,7 @@ def test_normalisers_and_reductions():
   std, dt = jnp.float32(0.5), jnp.float32(-0.2)
   paper = gaussian_kl(mu_s, mu_t, std, dt, deterministic=False, reduction='sum')
   recipe = gaussian_kl(mu_s, mu_t, std, dt, deterministic=False, reduction='sum',
-                       normaliser='recipe')
+                       normaliser='sigma2')
   np.testing.assert_allclose(paper, 4 / (2 * 0.25), rtol=1e-6)
   np.testing.assert_allclose(recipe, 4 / (2 * 0.25 / 0.2), rtol=1e-6)
   mean = gaussian_kl(mu_s, mu_t, std, dt, deterministic=False, reduction='mean')
@@ -99,12 +100,12 @@ def _independent_kl(w, wt, latents, cond, uncond, j, spec, cfg_s, cfg_t, normali
   a = spec.noise_level
   sig = a * jnp.sqrt(t / (1 - jnp.where(t == 1, SIGMAS[1], t)))
   coef = (1 + sig**2 * (1 - t) / (2 * t)) * dt
-  var = sig**2 * -dt if normaliser == 'paper' else sig**2
+  var = sig**2 * -dt if normaliser == 'sigma2_dt' else sig**2
   return jnp.mean((coef * (vs - vt))**2, axis=(1, 2, 3)) / (2 * var)
 
 
 @pytest.mark.parametrize('spec', SPECS[:2], ids=lambda s: s.kernel)
-@pytest.mark.parametrize('normaliser', ['paper', 'recipe'])
+@pytest.mark.parametrize('normaliser', ['sigma2_dt', 'sigma2'])
 def test_pathwise_gradient_matches_independent_autodiff(spec, normaliser):
   latents, cond, uncond, ws, wt = _setup(1)
   steps = jnp.arange(9)
@@ -127,8 +128,8 @@ def test_pathwise_gradient_formula_eq15():
   def kl(w):
     return per_step_kl(_linear_velocity(w), _linear_velocity(wt), latents, SIGMAS,
                        jnp.array([j]), cond, uncond, student_cfg=4.5, teacher_cfg=4.5,
-                       spec=spec, reduction='sum', normaliser='paper').sum()
-  from opd_jax.objectives.per_step_kl import kernel_mean
+                       spec=spec, reduction='sum', normaliser='sigma2_dt').sum()
+  from opd_jax.sampling.step import transition_mean as kernel_mean
   def mu(w, wv):
     return kernel_mean(_linear_velocity(wv), latents[j], SIGMAS[j], SIGMAS[j + 1], SIGMAS[1],
                        cond, uncond, 4.5, spec)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from opd_jax.objectives import OBJECTIVES
-from opd_jax.objectives.per_step_kl import KernelSpec, kernel_mean
+from opd_jax.sampling.step import KernelSpec, transition_mean as kernel_mean
 from opd_jax.sampling.rollout import Trajectory
 from opd_jax.sampling.schedule import flow_match_sigmas
 
@@ -31,7 +31,7 @@ def _gradients(name, ws, wt, x_j, cond, eps):
   def loss(w):
     terms, _ = OBJECTIVES[name](_velocity(w), _velocity(wt), traj, jnp.array([J]), cond, None,
                                 student_cfg=1.0, teacher_cfg=1.0, spec=SPEC, reduction='sum',
-                                normaliser='paper', clip_range=0.2, discount=0.0)
+                                normaliser='sigma2_dt', clip_range=0.2, discount=0.0)
     return terms.sum()
   return jax.grad(loss)(ws)
 
@@ -61,7 +61,7 @@ def test_ratio_is_one_and_ode_is_rejected():
                                        jnp.array([0]), {'pooled': jnp.zeros((1, 2))}, None,
                                        student_cfg=1.0, teacher_cfg=1.0,
                                        spec=KernelSpec('ode', 0.0), reduction='sum',
-                                       normaliser='paper')
+                                       normaliser='sigma2_dt')
 
 
 def test_discounted_reverse_sum():

@@ -127,7 +127,7 @@ def test_recipe_runs_end_to_end_then_caches_and_resumes(tmp_path):
   assert os.path.exists(tmp_path / 'opd' / 'metrics.jsonl')
 
   # Unchanged settings: every training stage is cached. A changed OPD setting re-runs only OPD.
-  second = _main(tmp_path, '--config.opd.train.num_rounds=2')
+  second = _main(tmp_path, '--config.opd.train.num_steps=2')
   assert second.returncode == 0, second.stderr[-3000:]
   assert '[opd] running' in second.stdout and '[report] running' in second.stdout
   for stage in ('pretrain', 'teacher_text', 'multitask_rl', 'cascade_rl'):
@@ -135,7 +135,7 @@ def test_recipe_runs_end_to_end_then_caches_and_resumes(tmp_path):
 
   # An OPD stage interrupted after its last checkpoint resumes instead of starting afresh.
   os.remove(tmp_path / 'opd' / 'stage.json')
-  third = _main(tmp_path, '--config.opd.train.num_rounds=2', '--config.stages=opd')
+  third = _main(tmp_path, '--config.opd.train.num_steps=2', '--config.stages=opd')
   assert third.returncode == 0, third.stderr[-3000:]
   assert 'resumed from round 2' in third.stdout
   assert os.path.exists(tmp_path / 'opd' / 'stage.json')

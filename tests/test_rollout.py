@@ -8,7 +8,7 @@ from flax import nnx
 
 from opd_jax.models.dit import DiT
 from opd_jax.models.lora import split_model
-from opd_jax.objectives.per_step_kl import KernelSpec, kernel_mean
+from opd_jax.sampling.step import KernelSpec, transition_mean as kernel_mean
 from opd_jax.sampling.rollout import rollout
 from opd_jax.sampling.schedule import flow_match_sigmas
 from opd_jax.sampling.transitions import gaussian_log_prob

@@ -21,12 +21,13 @@ from flax import nnx
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from configs.opd_sd35m import get_config
-from opd_jax.opd.config import ConfigError
+from opd_jax.errors import ConfigError
 from opd_jax.models.loading.pretrained import load_mmdit
 from opd_jax.models.lora import split_model
 from opd_jax.models.peft_io import RECIPE_LORA_TARGETS
+from opd_jax.opd.trainer import prepare, train_opd
 from opd_jax.parallel.mesh import make_mesh
-from opd_jax.opd.trainer import train_opd
+from opd_jax.sampling.schedule import flow_match_sigmas
 
 from sd3_testing import tiny_pipeline
 
@@ -74,14 +75,15 @@ def files(tmp_path_factory):
 def _config(files, rounds):
   c = get_config()
   c.base.path = files['base']
-  c.teachers.paths = files['teachers']
+  for task, path in zip(TASKS, files['teachers']):
+    c.teachers.tasks[task].path = path
   c.data.embeddings_dir = files['cache']
-  c.model.update(latent_size=8, latent_channels=4, dtype='float32', param_dtype='float32',
-                 lora_rank=4, lora_alpha=8.0)
-  c.data.prompts_per_device = 2
+  c.model.update(latent_size=8, latent_channels=4, dtype='float32', param_dtype='float32')
+  c.lora.update(rank=4, alpha=8.0)
+  c.data.batch_size_per_device = 2
   c.optimizer.lr = 2e-2
-  c.ema.every = 1
-  c.train.update(num_rounds=rounds, checkpoint_every=3, async_checkpoints=False)
+  c.ema.update(every=1, updates_per_step=1)
+  c.train.update(num_steps=rounds, checkpoint_every=3, async_checkpoints=False)
   return c
 
 
@@ -124,21 +126,49 @@ def test_sd35_recipe_trains_resumes_and_exports(files, tmp_path):
   np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize('field', ['base.path', 'teachers.paths', 'data.embeddings_dir'])
+@pytest.mark.parametrize('field', ['base.path', 'teachers.tasks.text.path',
+                                   'data.embeddings_dir'])
 def test_missing_paths_name_the_field(files, tmp_path, field):
   c = _config(files, 1)
-  section, leaf = field.split('.')
-  c[section][leaf] = ('', '', '') if field == 'teachers.paths' else ''
-  with pytest.raises(ConfigError, match=f'config\\.{section}\\.{leaf}'):
+  *parents, leaf = field.split('.')
+  node = c
+  for p in parents:
+    node = node[p]
+  node[leaf] = ''
+  with pytest.raises(ConfigError, match='config\\.' + field.replace('.', '\\.')):
     train_opd(c, str(tmp_path), mesh=_mesh())
   assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_the_schedule_shift_comes_from_the_checkpoint(files, tmp_path):
+  """rollout.shift = 0 (the SD3.5-M default) reads scheduler/scheduler_config.json's shift."""
+  import shutil
+  folder = tmp_path / 'sd35'
+  shutil.copytree(files['base'], folder)
+  config_path = folder / 'scheduler' / 'scheduler_config.json'
+  scheduler = json.loads(config_path.read_text())
+  for shift in (scheduler.get('shift', 1.0), 3.0):
+    scheduler['shift'] = shift
+    config_path.write_text(json.dumps(scheduler))
+    c = _config(files, 1)
+    c.base.path = str(folder)
+    assert c.rollout.shift == 0.0
+    trainer = prepare(c, _mesh())
+    assert trainer.config.rollout.shift == shift
+    np.testing.assert_allclose(trainer.setup.spec.sigmas, flow_match_sigmas(10, shift),
+                               rtol=1e-6)
 
 
 def test_variants():
   sde = get_config('sde')
   assert (sde.rollout.kernel, sde.rollout.noise_level) == ('flow_grpo', 0.7)
   single = get_config('single:text')
-  assert single.data.tasks == ('text',) and single.teachers.cfg_scales == (4.5,)
-  assert get_config().teachers.cfg_scales == (1.0, 4.5, 4.5)
+  assert single.data.tasks == ('text',)
+  assert list(single.teachers.tasks.keys()) == ['text']
+  assert single.teachers.tasks.text.cfg_scale == 4.5
+  full = get_config()
+  assert {t: full.teachers.tasks[t].cfg_scale for t in TASKS} == {
+      'composition': 1.0, 'text': 4.5, 'aesthetics': 4.5}
+  assert (full.ema.every, full.ema.updates_per_step, full.ema.max_decay) == (8, 3, 0.9)
   with pytest.raises(ValueError, match='single:<task>'):
     get_config('single:ocr')

@@ -19,6 +19,7 @@ from flax import nnx
 from PIL import Image
 
 from opd_jax import sample
+from opd_jax.models.loading import pretrained
 from opd_jax.models.loading.pretrained import load_mmdit, load_vae
 from opd_jax.models.lora import split_model
 from opd_jax.models.peft_io import save_lora_adapter
@@ -65,7 +66,7 @@ def _embeddings(n, seed=5):
 
 def test_schedule_matches_scheduler(pipeline):
   pipe, folder = pipeline
-  assert sample.scheduler_shift(folder) == SHIFT
+  assert pretrained.scheduler_shift(folder) == SHIFT
   pipe.scheduler.set_timesteps(STEPS)
   np.testing.assert_array_equal(flow_match_sigmas(STEPS, SHIFT), pipe.scheduler.sigmas.numpy())
 

@@ -1,11 +1,11 @@
 """Mini world baseline: cascade RL, the three tasks one after another (spec §6, "Cascade NFT").
 
     python -m opd_jax.main --config=configs/mini/cascade_rl.py:nft --workdir=runs/cascade \
-        --config.base_path=runs/opd/pretrain/base
+        --config.base.path=runs/opd/pretrain/base
 
 Argument: the algorithm, 'nft' (the paper's Cascade NFT) or 'grpo'; append ',smoke' for the
 test variant. One adapter trains on composition, then text, then aesthetics, an equal share of
-config.train.num_steps each (rl_setup.active_tasks); same trainer as the teachers.
+config.train.num_steps each (opd_jax.rl.prompts.active_tasks); same trainer as the teachers.
 """
 
 import ml_collections

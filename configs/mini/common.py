@@ -61,12 +61,6 @@ def text_encoder() -> ml_collections.ConfigDict:
   return t
 
 
-def mesh() -> ml_collections.ConfigDict:
-  m = ml_collections.ConfigDict()
-  m.shape = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
-  return m
-
-
 def evaluation() -> ml_collections.ConfigDict:
   """Held-out evaluation (opd_jax.eval.mini_world): 40-step Euler ODE with CFG (spec §5)."""
   e = ml_collections.ConfigDict()
@@ -81,30 +75,22 @@ def evaluation() -> ml_collections.ConfigDict:
   return e
 
 
-def lora() -> ml_collections.ConfigDict:
-  """LoRA of RL teachers (and of the OPD student): a fresh adapter on the frozen base."""
-  l = ml_collections.ConfigDict()
-  l.rank = 8
-  l.alpha = 16.0
-  l.init = 'gaussian'             # PEFT init_lora_weights='gaussian' (B = 0: starts at the base)
-  return l
-
-
 def rl_data(tasks) -> ml_collections.ConfigDict:
   d = data()
   d.tasks = tuple(tasks)          # prompt sets {task}_train, each scored by its own reward
-  d.prompts_per_step = 8          # prompts per iteration (split evenly over joint tasks)
+  d.batch_size = 8                # prompts per iteration (global; split evenly over joint tasks)
+  d.batch_size_per_device = 0     # or: prompts per iteration per batch device
   d.group_size = 8                # images per prompt (a GRPO group)
   d.max_prompts = 0               # 0: the whole train split; n: its first n prompts
   return d
 
 
-def ema(use_ema: bool = True) -> ml_collections.ConfigDict:
-  e = ml_collections.ConfigDict()
-  e.max_decay = 0.9               # decay min((1+s)/(10+s), max_decay) per optimizer step
-  e.every = 1
-  e.use_ema = use_ema             # the saved adapter is the EMA (evaluation uses EMA weights)
-  return e
+def base() -> ml_collections.ConfigDict:
+  """A mini-world pretraining artifact (the recipe fills the path: WORKDIR/pretrain/base)."""
+  b = ml_collections.ConfigDict()
+  b.source = 'mini_world'
+  b.path = ''
+  return b
 
 
 def parse_arg(arg, known_flags=('smoke',)) -> tuple[list[str], set[str]]:
@@ -117,9 +103,10 @@ def parse_arg(arg, known_flags=('smoke',)) -> tuple[list[str], set[str]]:
 def shrink_rl_for_smoke(c) -> None:
   """The tiny RL variant used by tests (':smoke'): small dataset, batches, rollouts and LoRA."""
   c.data.dataset_config = 'small'
-  c.data.prompts_per_step = 2
+  c.data.batch_size = 2
   c.data.group_size = 4
   c.data.max_prompts = 4
   c.rollout.num_steps = 4
   c.lora.rank = 2
   c.train.num_steps = 2
+  c.train.checkpoint_every = 2

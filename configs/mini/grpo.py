@@ -1,7 +1,7 @@
 """Mini world, stage 1: a Flow-GRPO LoRA teacher for one task (or several: see multitask_rl.py).
 
     python -m opd_jax.main --config=configs/mini/grpo.py:text --workdir=runs/grpo_text \
-        --config.base_path=runs/opd/pretrain/base
+        --config.base.path=runs/opd/pretrain/base
 
 The argument is a task (composition | text | aesthetics), or several joined by '+' for joint
 multi-task RL; append ',smoke' for the test variant. Expected on a 2-core CPU: ~60 s (20
@@ -15,7 +15,7 @@ groups, more noise and higher CFG all measured no better).
 import ml_collections
 
 from configs.mini import common
-from configs.optimizer import adamw
+from configs import sections
 
 
 def get_config(arg: str | None = 'text') -> ml_collections.ConfigDict:
@@ -26,11 +26,11 @@ def get_config(arg: str | None = 'text') -> ml_collections.ConfigDict:
     raise ValueError(f'configs/mini/grpo.py: bad argument {arg!r}; expected TASK[+TASK...]'
                      f'[,smoke] with tasks from {common.TASKS}')
   c = ml_collections.ConfigDict()
-  c.algorithm = 'grpo'
+  c.trainer = 'grpo'
   c.seed = 0
-  c.base_path = ''                  # the pretrained base artifact (run alone via opd_jax.main)
+  c.base = common.base()            # the pretrained base artifact (the recipe fills the path)
   c.data = common.rl_data(tasks)
-  c.lora = common.lora()
+  c.lora = sections.lora(8, 16.0)
 
   # Task schedule: 'joint' (every batch mixes all tasks) | 'cascade' (one task after another).
   c.schedule = ml_collections.ConfigDict()
@@ -53,20 +53,18 @@ def get_config(arg: str | None = 'text') -> ml_collections.ConfigDict:
   c.grpo.adv_clip = 5.0             # advantages clipped to ±adv_clip
   c.grpo.kl_beta = 0.0              # weight of the closed-form KL to the base (0: off)
   c.grpo.kl_reduction = 'mean'      # over latent elements
-  c.grpo.kl_normaliser = 'paper'    # σ̄_j² = σ_t²·|Δt_j| (Flow-GRPO's kl_loss)
+  c.grpo.kl_normaliser = 'sigma2'   # Flow-GRPO's KL: σ_t² ('sigma2_dt': σ_t²·|Δt_j|)
 
   c.advantage = ml_collections.ConfigDict()
   c.advantage.std_scope = 'group'   # 'group' (per prompt) | 'task' (per task, whole batch)
 
-  c.optimizer = adamw(1e-3)
-  c.ema = common.ema()
-  c.mesh = common.mesh()
+  c.optimizer = sections.adamw(1e-3)
+  c.ema = sections.ema(0.9, every=1)   # the saved teacher is the EMA
+  c.mesh = sections.mesh()
 
-  c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 20            # iterations (rollout batch + inner updates)
+  c.train = sections.train(num_steps=20, checkpoint_every=10)   # iterations: batch + updates
   c.train.num_minibatches = 2       # optimizer steps per pass over a rollout batch
   c.train.inner_epochs = 2          # passes over each rollout batch (PPO reuse)
-  c.train.log_every = 1
 
   c.eval = common.evaluation()
 

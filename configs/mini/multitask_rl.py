@@ -1,10 +1,10 @@
 """Mini world baseline: joint multi-task RL over the union of the three prompt sets (spec §6).
 
     python -m opd_jax.main --config=configs/mini/multitask_rl.py:grpo --workdir=runs/mt_grpo \
-        --config.base_path=runs/opd/pretrain/base
+        --config.base.path=runs/opd/pretrain/base
 
 Argument: the algorithm, 'grpo' (multi-task Flow-GRPO) or 'nft' (multi-task DiffusionNFT);
-append ',smoke' for the test variant. Every batch draws prompts_per_step / 3 prompts of each
+append ',smoke' for the test variant. Every batch draws data.batch_size / 3 prompts of each
 task, each scored by its own reward and normalised within its own group (advantage.std_scope
 'task' normalises by each task's spread). Same trainer as the single-task teachers.
 """
@@ -25,7 +25,7 @@ def get_config(arg: str | None = 'grpo') -> ml_collections.ConfigDict:
   module = {'grpo': grpo, 'nft': nft}[algorithm]
   c = module.get_config('+'.join(common.TASKS) + (',smoke' if 'smoke' in flags else ''))
   c.schedule.mode = 'joint'
-  c.data.prompts_per_step = 3 * -(-c.data.prompts_per_step // 3)   # divisible by the 3 tasks
+  c.data.batch_size = 3 * -(-c.data.batch_size // 3)   # divisible by the 3 tasks
   c.advantage.std_scope = 'task'
   c.train.num_steps = c.train.num_steps if 'smoke' in flags else 2 * c.train.num_steps
   return c

@@ -1,7 +1,7 @@
 """Mini world, stage 1: a DiffusionNFT LoRA teacher (the composition teacher, as in the paper).
 
     python -m opd_jax.main --config=configs/mini/nft.py:composition --workdir=runs/nft \
-        --config.base_path=runs/opd/pretrain/base
+        --config.base.path=runs/opd/pretrain/base
 
 The argument is a task, or several joined by '+' (joint multi-task NFT); append ',smoke' for the
 test variant. CFG-free: samples and training use CFG 1.0, and so does the teacher in OPD.
@@ -11,7 +11,7 @@ Expected on a 2-core CPU: ~25 s (40 iterations of 4 prompts × 8 images).
 import ml_collections
 
 from configs.mini import common
-from configs.optimizer import adamw
+from configs import sections
 
 
 def get_config(arg: str | None = 'composition') -> ml_collections.ConfigDict:
@@ -22,12 +22,12 @@ def get_config(arg: str | None = 'composition') -> ml_collections.ConfigDict:
     raise ValueError(f'configs/mini/nft.py: bad argument {arg!r}; expected TASK[+TASK...]'
                      f'[,smoke] with tasks from {common.TASKS}')
   c = ml_collections.ConfigDict()
-  c.algorithm = 'nft'
+  c.trainer = 'nft'
   c.seed = 0
-  c.base_path = ''                  # the pretrained base artifact (run alone via opd_jax.main)
+  c.base = common.base()            # the pretrained base artifact (the recipe fills the path)
   c.data = common.rl_data(tasks)
-  c.data.prompts_per_step = 4       # NFT's regression signal needs fewer samples than GRPO
-  c.lora = common.lora()
+  c.data.batch_size = 4             # NFT's regression signal needs fewer samples than GRPO
+  c.lora = sections.lora(8, 16.0)
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.mode = 'joint'         # 'joint' | 'cascade'
@@ -54,15 +54,13 @@ def get_config(arg: str | None = 'composition') -> ml_collections.ConfigDict:
   c.advantage = ml_collections.ConfigDict()
   c.advantage.std_scope = 'group'
 
-  c.optimizer = adamw(3e-3)
-  c.ema = common.ema()
-  c.mesh = common.mesh()
+  c.optimizer = sections.adamw(3e-3)
+  c.ema = sections.ema(0.9, every=1)   # the saved teacher is the EMA
+  c.mesh = sections.mesh()
 
-  c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 40
-  c.train.num_minibatches = 2
+  c.train = sections.train(num_steps=40, checkpoint_every=10)
+  c.train.num_minibatches = 2       # optimizer steps per iteration
   c.train.inner_epochs = 1
-  c.train.log_every = 1
 
   c.eval = common.evaluation()
 

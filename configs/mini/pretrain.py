@@ -15,13 +15,17 @@ Variant `:smoke` trains a few steps on the 'small' dataset (tests).
 
 import ml_collections
 
+from configs import sections
 from configs.mini import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.trainer = 'pretrain'
   c.seed = 0
   c.data = common.data()
+  c.data.batch_size = 32             # more, smaller steps beat fewer large ones per CPU-second
+  c.data.batch_size_per_device = 0
   c.latent = common.latent()
   c.model = common.model()
   c.text_encoder = common.text_encoder()
@@ -31,30 +35,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pretrain.logit_mean = 0.0
   c.pretrain.logit_std = 1.0
   c.pretrain.prompt_dropout = 0.1   # prompt → "" (learns the unconditional branch for CFG)
-  c.pretrain.save_ema = True        # the saved base is the EMA of the weights
 
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.lr = 5e-3              # tiny nets like it high: 5e-4 / 2e-3 were clearly worse
-  c.optimizer.schedule = 'cosine'   # cosine | constant (after linear warmup)
+  c.optimizer = sections.adamw(5e-3) # tiny nets like it high: 5e-4 / 2e-3 were clearly worse
+  c.optimizer.schedule = 'cosine'
   c.optimizer.warmup_steps = 50
-  c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.99
-  c.optimizer.eps = 1e-8
-  c.optimizer.weight_decay = 1e-4
-  c.optimizer.grad_clip = 1.0
 
-  c.ema = ml_collections.ConfigDict()
-  c.ema.max_decay = 0.99            # decay min((1+s)/(10+s), max_decay)
-  c.ema.every = 1
+  c.ema = sections.ema(0.99, every=1)   # the saved base is the EMA of the weights
+  c.mesh = sections.mesh()
 
-  c.mesh = common.mesh()
+  c.train = sections.train(num_steps=10000, checkpoint_every=1000, log_every=50)
 
-  c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 10000
-  c.train.batch_size = 32            # more, smaller steps beat fewer large ones per CPU-second
-  c.train.log_every = 50
-
-  # The repo ships the output of this config (opd_jax/train/shipped_base.py): `reuse_shipped`
+  # The repo ships the output of this config (opd_jax/mini_world/shipped_base.py): `reuse_shipped`
   # returns it instead of training when the settings match; `ship` (variant `:ship`) remakes it.
   c.reuse_shipped = False
   c.ship = False
@@ -70,7 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.pooled_dim = 32
     c.text_encoder.dim = 32
     c.train.num_steps = 4
-    c.train.batch_size = 8
+    c.train.checkpoint_every = 2
+    c.data.batch_size = 8
     c.train.log_every = 2
     c.optimizer.warmup_steps = 1
   elif arg not in (None, ''):

@@ -62,6 +62,14 @@ class TablePrompts:
     self.position += 1
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
+  def fingerprint(self) -> str:
+    """Digest of the tables' sizes and their first and last rows (cheap at any size)."""
+    from opd_jax.fingerprint import numpy_digest
+    ends = [{k: (np.asarray(v)[:1], np.asarray(v)[-1:], np.asarray(v).shape)
+             for k, v in sorted(t.items())} for t in self.tables]
+    return numpy_digest([[(a, b) for a, b, _ in e.values()] for e in ends]) + str(
+        [[shape for _, _, shape in e.values()] for e in ends])
+
   def get_position(self) -> dict:
     return {'position': self.position}
 

@@ -10,7 +10,10 @@ a JSON description (`meta.json`) that says how to rebuild the network around the
             meta['lora_rank'] / meta['lora_alpha']; meta also records the task(s), the CFG
             scale the adapter was trained with (its evaluation / teacher scale) and the stage.
 
-Loaded teachers are plain pytrees of arrays: `opd_setup.build_opd(..., base_params=base.dit,
+Every artifact ends with `manifest.json` (size and SHA-256 of each file, written last): loading
+verifies it, so a truncated, edited or half-copied artifact is an `InputError` naming the file,
+never weights that silently differ; `fingerprint` digests it, for comparing inputs on resume.
+Loaded teachers are plain pytrees of arrays: `opd.setup.build_opd(..., base_params=base.dit,
 teachers=[load_adapter(p).params for p in paths])` stacks them as frozen teachers.
 """
 
@@ -26,8 +29,12 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from opd_jax.errors import InputError
+from opd_jax.fingerprint import directory_manifest
+
 PARAMS_DIR = 'params'
 META_FILE = 'meta.json'
+MANIFEST_FILE = 'manifest.json'
 
 
 def _save(directory: str, params: Any, meta: dict) -> str:
@@ -37,21 +44,57 @@ def _save(directory: str, params: Any, meta: dict) -> str:
   ckptr.save(os.path.join(directory, PARAMS_DIR), jax.device_get(params), force=True)
   ckptr.wait_until_finished()
   ckptr.close()
-  with open(os.path.join(directory, META_FILE), 'w') as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, META_FILE), 'w') as f:
+      json.dump(meta, f, indent=2, sort_keys=True)
+    manifest = directory_manifest(directory, exclude=(MANIFEST_FILE,))
+    with open(os.path.join(directory, MANIFEST_FILE + '.tmp'), 'w') as f:
+      json.dump(manifest, f, indent=2, sort_keys=True)
+    os.replace(os.path.join(directory, MANIFEST_FILE + '.tmp'),
+               os.path.join(directory, MANIFEST_FILE))
   return directory
+
+
+def verify(directory: str) -> None:
+  """Raises InputError unless `directory` is a complete artifact whose files are unchanged."""
+  directory = os.path.abspath(directory)
+  path = os.path.join(directory, MANIFEST_FILE)
+  if not os.path.isdir(directory):
+    raise InputError(f'{directory}: not found (expected a saved stage artifact)')
+  if not os.path.exists(path):
+    raise InputError(f'{path} not found: {directory} is not a complete stage artifact')
+  try:
+    with open(path) as f:
+      expected = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise InputError(f'{path}: unreadable ({e})') from None
+  actual = directory_manifest(directory, exclude=(MANIFEST_FILE,))
+  changed = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+  if changed:
+    raise InputError(f'{directory}: {len(changed)} file(s) missing or changed since it was saved '
+                     f'(first: {changed[0]}); the artifact is corrupt — re-run the stage that '
+                     'made it')
+
+
+def fingerprint(directory: str) -> str:
+  """The digest of an artifact's manifest (equal iff its files hold the same bytes)."""
+  import hashlib
+  with open(os.path.join(os.path.abspath(directory), MANIFEST_FILE), 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
 
 
 def _load(directory: str) -> tuple[Any, dict]:
   directory = os.path.abspath(directory)
-  meta_path = os.path.join(directory, META_FILE)
-  if not os.path.exists(meta_path):
-    raise FileNotFoundError(f'{meta_path} not found: {directory} is not a saved stage artifact')
-  with open(meta_path) as f:
+  verify(directory)
+  with open(os.path.join(directory, META_FILE)) as f:
     meta = json.load(f)
   ckptr = ocp.StandardCheckpointer()
-  params = ckptr.restore(os.path.join(directory, PARAMS_DIR))
-  ckptr.close()
+  try:
+    params = ckptr.restore(os.path.join(directory, PARAMS_DIR))
+  except Exception as e:   # verified files that Orbax still cannot read
+    raise InputError(f'{directory}: unreadable parameters ({type(e).__name__}: {e})') from None
+  finally:
+    ckptr.close()
   # Plain numpy leaves: the caller places them with its own shardings.
   return _int_keys(jax.tree.map(np.asarray, params)), meta
 

@@ -28,13 +28,16 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from opd_jax.mini_world import tfds_builder
+from opd_jax.errors import InputError
 from opd_jax.mini_world import artifacts
+from opd_jax.mini_world import tfds_builder
 
 ASSET_PREFIX = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'assets',
                             'mini_world_base')
 # Config fields that do not change what the shipped weights are.
-IGNORED_FIELDS = ('seed', 'reuse_shipped', 'ship', 'data.data_dir', 'train.log_every', 'mesh')
+IGNORED_FIELDS = ('seed', 'reuse_shipped', 'ship', 'data.data_dir', 'train.log_every', 'mesh',
+                  'train.checkpoint_every', 'train.keep_checkpoints', 'train.async_checkpoints',
+                  'train.allow_changed_config')
 
 
 def _flatten(tree: Any, prefix: str = '') -> dict[str, np.ndarray]:
@@ -146,10 +149,10 @@ def load(prefix: str | None = None) -> tuple[artifacts.BaseModel, dict]:
   prefix = prefix or ASSET_PREFIX
   record = read_record(prefix)
   if record is None:
-    raise FileNotFoundError(f'{prefix}.json not found: no shipped mini-world base')
+    raise InputError(f'{prefix}.json not found: no shipped mini-world base')
   try:
     params = _unflatten(load_file(prefix + '.safetensors'))
   except Exception as e:  # safetensors raises its own error types for truncated files
-    raise ValueError(f'{prefix}.safetensors is missing or corrupt ({e}); remake it with '
-                     f'{record["command"]}') from e
+    raise InputError(f'{prefix}.safetensors is missing or corrupt ({e}); remake it with '
+                     f'{record["command"]}') from None
   return artifacts.BaseModel(params['dit'], params['text_encoder'], record['meta']), record

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from opd_jax.errors import InputError
 from opd_jax.models.loading.name_map import module_name
 from opd_jax.models.loading.safetensors_io import CheckpointError, CheckpointReader, read_json
 from opd_jax.models.lora import LoRALinear, LoRAParam, fold_adapter
@@ -50,7 +51,7 @@ PEFT_PREFIX = 'base_model.model.'
 _KEY = re.compile(r'^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$')
 
 
-class AdapterError(ValueError):
+class AdapterError(InputError):
   """An adapter that does not fit the model or uses unsupported PEFT features."""
 
 

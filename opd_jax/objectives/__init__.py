@@ -13,7 +13,8 @@ from typing import Callable
 
 import jax
 
-from opd_jax.objectives.per_step_kl import KernelSpec, per_step_kl
+from opd_jax.objectives.per_step_kl import per_step_kl
+from opd_jax.sampling.step import KernelSpec
 from opd_jax.objectives.ppo import ppo_analytic_advantage, ppo_sampled_logratio
 
 

@@ -10,61 +10,44 @@ so the gradient is purely pathwise: Σ_j ((μ_S − μ_T)/σ̄_j²)·∇θ μ_S 
 
 Conventions the paper and the released recipe disagree on are explicit arguments:
   reduction   'sum' over latent elements (paper, ‖·‖²) or 'mean' (recipe);
-  normaliser  'paper': σ̄_j² = σ_t²·|Δt_j|; 'recipe': σ_t² = σ̄_j²/|Δt_j|.
+  normaliser  'sigma2_dt' (paper): the kernel variance σ̄_j² = σ_t²·|Δt_j|;
+              'sigma2' (released recipe, Flow-GRPO's KL): σ_t² = σ̄_j²/|Δt_j|.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from opd_jax.sampling.guidance import Cond, VelocityFn, guided_velocity
-from opd_jax.sampling.schedule import NUM_TRAIN_TIMESTEPS
-from opd_jax.sampling.transitions import get_kernel, reduce_latent
+from opd_jax.sampling.guidance import Cond, VelocityFn
+from opd_jax.sampling.step import KernelSpec, is_deterministic, transition_mean
+from opd_jax.sampling.transitions import reduce_latent
 
-
-class KernelSpec(NamedTuple):
-  """The sampler whose transitions are being matched (shared by student and teacher)."""
-  kernel: str = 'ode'
-  noise_level: float = 0.0
-
-
-def is_deterministic(spec: KernelSpec) -> bool:
-  return spec.kernel == 'ode' or spec.noise_level == 0.0
-
-
-def kernel_mean(velocity_fn: VelocityFn, x: jax.Array, t: jax.Array, t_next: jax.Array,
-                sigma_1: jax.Array, cond: Cond, uncond: Cond | None, cfg_scale: Any,
-                spec: KernelSpec) -> tuple[jax.Array, jax.Array]:
-  """μ(x_j) and σ̄_j of one transition with the given (guided) velocity field, float32."""
-  timestep = jnp.full((x.shape[0],), t * NUM_TRAIN_TIMESTEPS, jnp.float32)
-  v = guided_velocity(velocity_fn, x, timestep, cond, uncond, cfg_scale)
-  tr = get_kernel(spec.kernel)(x, v, t, t_next, jnp.zeros_like(x, jnp.float32),
-                               noise_level=spec.noise_level, sigma_1=sigma_1)
-  return tr.mean, tr.std
+KL_NORMALISERS = ('sigma2_dt', 'sigma2')
+KL_REDUCTIONS = ('sum', 'mean')
 
 
 def gaussian_kl(mu_s: jax.Array, mu_t: jax.Array, std: jax.Array, dt: jax.Array, *,
                 deterministic: bool, reduction: str = 'mean',
-                normaliser: str = 'paper') -> jax.Array:
+                normaliser: str = 'sigma2_dt') -> jax.Array:
   """Per-sample KL [B] between N(μ_S, σ̄²I) and N(μ_T, σ̄²I) (Eq. 11), or ½‖μ_S − μ_T‖² (Eq. 12)."""
   sq = reduce_latent(jnp.square(mu_s.astype(jnp.float32) - mu_t.astype(jnp.float32)), reduction)
   if deterministic:
     return 0.5 * sq
   var = jnp.square(std)
-  if normaliser == 'recipe':
+  if normaliser == 'sigma2':
     var = var / jnp.abs(dt)
-  elif normaliser != 'paper':
-    raise ValueError(f'unknown SDE normaliser {normaliser!r}; expected paper or recipe')
+  elif normaliser != 'sigma2_dt':
+    raise ValueError(f'unknown KL normaliser {normaliser!r}; expected one of {KL_NORMALISERS}')
   return sq / (2 * var)
 
 
 def per_step_kl(student_velocity: VelocityFn, teacher_velocity: VelocityFn,
                 latents: jax.Array, sigmas: jax.Array, step_idx: jax.Array, cond: Cond,
                 uncond: Cond | None, *, student_cfg: Any, teacher_cfg: Any, spec: KernelSpec,
-                reduction: str = 'mean', normaliser: str = 'paper') -> jax.Array:
+                reduction: str = 'mean', normaliser: str = 'sigma2_dt') -> jax.Array:
   """KL_j [T, B] at the student's states x_j for the steps `step_idx` [T] — a vmap over steps.
 
   Args:
@@ -80,10 +63,10 @@ def per_step_kl(student_velocity: VelocityFn, teacher_velocity: VelocityFn,
 
   def one(j):
     x, t, t_next = latents[j], sigmas[j], sigmas[j + 1]
-    mu_s, std = kernel_mean(student_velocity, x, t, t_next, sigmas[1], cond, uncond,
-                            student_cfg, spec)
-    mu_t, _ = kernel_mean(teacher_velocity, x, t, t_next, sigmas[1], cond, uncond,
-                          teacher_cfg, spec)
+    mu_s, std = transition_mean(student_velocity, x, t, t_next, sigmas[1], cond, uncond,
+                                student_cfg, spec)
+    mu_t, _ = transition_mean(teacher_velocity, x, t, t_next, sigmas[1], cond, uncond,
+                              teacher_cfg, spec)
     return gaussian_kl(mu_s, jax.lax.stop_gradient(mu_t), std, t_next - t,
                        deterministic=deterministic, reduction=reduction,
                        normaliser=normaliser)

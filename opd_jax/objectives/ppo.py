@@ -13,7 +13,7 @@ Both use the clipped surrogate −min(ρ_j·A_j, clip(ρ_j, 1 − ε, 1 + ε)·A
 
 Log-densities are the true Gaussian densities (summed over latent elements) whatever
 `reduction` the KL uses; compare with the analytic estimator at reduction='sum',
-normaliser='paper', where the analytic KL is the true KL. Neither exists for the ODE sampler.
+normaliser='sigma2_dt', where the analytic KL is the true KL. Neither exists for the ODE sampler.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from opd_jax.objectives.per_step_kl import KernelSpec, gaussian_kl, is_deterministic, kernel_mean
+from opd_jax.objectives.per_step_kl import gaussian_kl
+from opd_jax.sampling.step import KernelSpec, is_deterministic, transition_mean
 from opd_jax.sampling.transitions import gaussian_log_prob
 
 
@@ -36,10 +37,10 @@ def _step_quantities(student_velocity, teacher_velocity, traj, step_idx, cond, u
 
   def one(j):
     x, x_next, t, t_next = latents[j], latents[j + 1], sig[j], sig[j + 1]
-    mu_s, std = kernel_mean(student_velocity, x, t, t_next, sig[1], cond, uncond, student_cfg,
-                            spec)
-    mu_t, _ = kernel_mean(teacher_velocity, x, t, t_next, sig[1], cond, uncond, teacher_cfg,
-                          spec)
+    mu_s, std = transition_mean(student_velocity, x, t, t_next, sig[1], cond, uncond,
+                                student_cfg, spec)
+    mu_t, _ = transition_mean(teacher_velocity, x, t, t_next, sig[1], cond, uncond,
+                              teacher_cfg, spec)
     mu_t = jax.lax.stop_gradient(mu_t)
     kl = gaussian_kl(mu_s, mu_t, std, t_next - t, deterministic=False, reduction=reduction,
                      normaliser=normaliser)

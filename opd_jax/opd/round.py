@@ -1,11 +1,13 @@
 """One DiffusionOPD round as a single jitted, pure function (spec §1–§3, §5).
 
-For each task m (a `lax.scan`, so the teacher index is traced and nothing recompiles):
+For each task m, in turn (`teachers.round_robin`: task m's prompts always meet teacher m, and
+the teacher index is traced, so nothing recompiles):
   1. roll the student out with its own CFG, no gradient (`rollout`);
   2. at every trained state x_j, the task's teacher gives its mean with its own CFG, detached;
   3. the objective's per-step terms are differentiated w.r.t. the student parameters and the
      gradient is accumulated into one float32 buffer.
-Task losses are averaged; the round ends with one AdamW step and the masked EMA update.
+Task losses are averaged; the round ends with one AdamW step and the EMA rule
+(`TrainState.apply_gradients`).
 Micro-batches (per task) and chunks of timesteps are further `lax.scan`s that add into the same
 buffer — no second copy of the optimizer state, unlike optax.MultiSteps.
 
@@ -24,10 +26,11 @@ import optax
 
 from opd_jax.models.policy import Policy
 from opd_jax.objectives import get_objective
-from opd_jax.objectives.per_step_kl import KernelSpec
+from opd_jax.opd.teachers import round_robin
 from opd_jax.sampling.guidance import broadcast_uncond
-from opd_jax.sampling.rollout import rollout
-from opd_jax.train.state import TrainState, ema_update
+from opd_jax.sampling.rollout import rollout, sample_keys
+from opd_jax.sampling.step import KernelSpec
+from opd_jax.train.state import EMARule, TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,17 +48,10 @@ class RoundSpec:
   time_reduction: str = 'mean'
   num_microbatches: int = 1
   timestep_chunks: int = 1
-  ema_max_decay: float = 0.9
-  ema_every: int = 8
+  ema: EMARule = EMARule()
   logprob_reduction: str = 'mean'
   clip_range: float = 1e-4          # PPO-style objectives only
   discount: float = 0.0
-
-
-def sample_keys(rng: jax.Array, step: jax.Array, task: jax.Array, batch: int) -> jax.Array:
-  """Per-sample keys [B, 2] from (round, task, sample index): independent of the device count."""
-  base = jax.random.fold_in(jax.random.fold_in(rng, step), task)
-  return jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(batch))
 
 
 def _split_microbatches(tree: Any, n: int) -> Any:
@@ -118,8 +114,7 @@ def opd_round(spec: RoundSpec, tx: optax.GradientTransformation, state: TrainSta
   num_tasks = batch['teacher'].shape[0]
   nmb = spec.num_microbatches
 
-  def task_body(grad_acc, inputs):
-    m, cond, teacher = inputs
+  def task_body(grad_acc, m, cond, teacher):
     global_batch = jax.tree.leaves(cond)[0].shape[0]
     keys = sample_keys(state.rng, state.step, m, global_batch)
     mb = _split_microbatches((cond, keys), nmb)
@@ -133,24 +128,18 @@ def opd_round(spec: RoundSpec, tx: optax.GradientTransformation, state: TrainSta
     return grad_acc, jnp.moveaxis(kl, 0, 1).reshape(spec.num_train_steps, -1)
 
   zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.params)
-  grads, kl = jax.lax.scan(task_body, zeros,
-                           (jnp.arange(num_tasks), batch['cond'], batch['teacher']))
-  # kl: [M, T, B]
+  grads, kl = round_robin(task_body, zeros, batch['cond'], batch['teacher'])   # kl [M, T, B]
   with jax.named_scope('update'):
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    step = state.step + 1
-    ema, decay = ema_update(state.ema_params, params, step, spec.ema_max_decay, spec.ema_every)
+    new_state, update_metrics = state.apply_gradients(grads, tx, spec.ema)
   per_sample = (jnp.sum(kl, axis=1) if spec.time_reduction == 'sum' else jnp.mean(kl, axis=1))
+  loss = jnp.mean(per_sample)
   metrics = {
-      'loss': jnp.mean(per_sample),
+      'loss': loss,
       'kl_per_task': jnp.mean(per_sample, axis=1),
       'kl_per_step': jnp.mean(kl, axis=(0, 2)),
-      'grad_norm': optax.tree.norm(grads),
-      'param_norm': optax.tree.norm(params),
-      'ema_decay': decay,
+      **update_metrics,
   }
-  new_state = state.replace(step=step, params=params, opt_state=opt_state, ema_params=ema)
+  metrics['finite'] = metrics['finite'] & jnp.isfinite(loss)
   return new_state, metrics
 
 

@@ -16,17 +16,18 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from opd_jax.opd.config import num_train_steps
+from opd_jax.errors import ConfigError
 from opd_jax.models.loading.pretrained import init_lora_state
 from opd_jax.models.lora import stack_adapters
 from opd_jax.models.policy import Policy
 from opd_jax.models.registry import build_model
-from opd_jax.objectives.per_step_kl import KernelSpec
+from opd_jax.opd.config import num_train_steps
+from opd_jax.opd.round import RoundSpec, make_round_fn
+from opd_jax.opd.teachers import teacher_index
 from opd_jax.parallel import sharding as shd
 from opd_jax.sampling.schedule import flow_match_sigmas
-from opd_jax.opd.round import RoundSpec, make_round_fn
-from opd_jax.train.checkpoint import abstract_with_shardings
-from opd_jax.train.state import make_optimizer, sharded_train_state
+from opd_jax.sampling.step import KernelSpec
+from opd_jax.train.state import EMARule, make_optimizer, sharded_train_state
 
 
 @dataclasses.dataclass
@@ -40,9 +41,11 @@ class OPDSetup:
   abstract_state: Any      # ShapeDtypeStructs with shardings (restore target)
   round_fn: Any            # the jitted round (state, frozen, batch) → (state, metrics)
   mesh: Mesh
+  teacher_tasks: tuple[str, ...]   # the task of each stacked teacher slot
+  teacher_index: np.ndarray        # int32 [M]: slot of data.tasks[m]'s teacher
 
 
-def random_teacher_adapters(model_cfg, lora_template: nnx.State, num: int, seed: int,
+def random_teacher_adapters(lora_template: nnx.State, num: int, seed: int,
                             scale: float) -> list[dict]:
   """Seeded stand-in teacher adapters with non-zero B (so each teacher differs from the base)."""
   out = []
@@ -56,7 +59,10 @@ def random_teacher_adapters(model_cfg, lora_template: nnx.State, num: int, seed:
 
 
 def round_spec(config, policy: Policy) -> RoundSpec:
-  m, r, o = config.model, config.rollout, config.objective
+  m, r, o, t = config.model, config.rollout, config.objective, config.train
+  if r.shift <= 0:
+    raise ConfigError('config.rollout.shift: 0 means "the checkpoint\'s scheduler shift", which '
+                      'only a diffusers base resolves; set it explicitly')
   return RoundSpec(
       policy=policy,
       sigmas=tuple(float(s) for s in flow_match_sigmas(r.num_steps, r.shift)),
@@ -64,11 +70,10 @@ def round_spec(config, policy: Policy) -> RoundSpec:
       kernel=KernelSpec(r.kernel, float(r.noise_level)),
       student_cfg=float(r.cfg_scale),
       num_train_steps=num_train_steps(config),
-      objective=o.name, reduction=o.reduction, normaliser=o.sde_normaliser,
-      time_reduction=o.time_reduction, num_microbatches=o.num_microbatches,
-      timestep_chunks=o.timestep_chunks, ema_max_decay=config.ema.max_decay,
-      ema_every=config.ema.every, logprob_reduction=r.logprob_reduction,
-      clip_range=o.clip_range, discount=o.discount)
+      objective=o.name, reduction=o.kl_reduction, normaliser=o.kl_normaliser,
+      time_reduction=o.time_reduction, num_microbatches=t.num_microbatches,
+      timestep_chunks=t.timestep_chunks, ema=EMARule.from_config(config.ema),
+      logprob_reduction=r.logprob_reduction, clip_range=o.clip_range, discount=o.discount)
 
 
 def build_opd(config, mesh: Mesh, negative: dict, *, base_params: dict | None = None,
@@ -78,30 +83,34 @@ def build_opd(config, mesh: Mesh, negative: dict, *, base_params: dict | None = 
 
   Args:
     base_params: pure-dict base weights (default: the seeded random init).
-    teachers: per-task teacher parameter pytrees (adapters, or full weights when
-      teachers.kind == 'full'); default: seeded random stand-ins.
+    teachers: teacher parameter pytrees (adapters, or full weights when teachers.kind ==
+      'full'), one per task of config.data.tasks, in that order (the teachers' slots); default:
+      seeded random stand-ins.
   """
-  m = config.model
+  m, l = config.model, config.lora
   # Given base weights, the network is only traced for its structure (no random init).
   loaded = base_params is not None
   graphdef, base_state, lora_state = build_model(
-      m, abstract=loaded, seed=config.seed, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
-      lora_init=m.lora_init)
+      m, abstract=loaded, seed=config.seed, lora_rank=l.rank, lora_alpha=l.alpha,
+      lora_init=l.init)
   if loaded:
-    lora_state = init_lora_state(lora_state, seed=config.seed, init=m.lora_init)
+    lora_state = init_lora_state(lora_state, seed=config.seed, init=l.init)
   policy = Policy(graphdef, config.student.kind, config.teachers.kind)
   base = base_params if loaded else nnx.to_pure_dict(base_state)
-  num_tasks = len(config.data.tasks)
+  teacher_tasks = tuple(config.data.tasks)   # slot k holds the teacher of data.tasks[k]
+  num_teachers = len(teacher_tasks)
   if teachers is None:
     if config.teachers.kind == 'lora':
-      teachers = random_teacher_adapters(m, lora_state, num_tasks, config.seed,
+      teachers = random_teacher_adapters(lora_state, num_teachers, config.seed,
                                          config.teachers.random_scale)
     else:
       teachers = [jax.tree.map(lambda x, k=k: x + config.teachers.random_scale *
                                jax.random.normal(jax.random.PRNGKey(config.seed + 1000 + k),
-                                                 x.shape), base) for k in range(num_tasks)]
-  if len(teachers) != num_tasks:
-    raise ValueError(f'{len(teachers)} teachers for {num_tasks} tasks')
+                                                 x.shape), base) for k in range(num_teachers)]
+  if len(teachers) != num_teachers:
+    raise ConfigError(f'config.teachers.tasks: {len(teachers)} teachers loaded for '
+                      f'{num_teachers} declared')
+  index = teacher_index(tuple(config.data.tasks), teacher_tasks)
 
   base_sh = shd.state_shardings(base_state, mesh)
   lora_sh = shd.state_shardings(lora_state, mesh)
@@ -110,7 +119,8 @@ def build_opd(config, mesh: Mesh, negative: dict, *, base_params: dict | None = 
   frozen = {
       'base': base,
       'teachers': stack_adapters(teachers),
-      'teacher_cfg': jnp.asarray(config.teachers.cfg_scales, jnp.float32),
+      'teacher_cfg': jnp.asarray([config.teachers.tasks[t].cfg_scale for t in teacher_tasks],
+                                 jnp.float32),
       'negative': jax.tree.map(jnp.asarray, negative),
   }
   frozen_sh = {
@@ -125,10 +135,9 @@ def build_opd(config, mesh: Mesh, negative: dict, *, base_params: dict | None = 
     student_init, student_sh = nnx.to_pure_dict(lora_state), lora_sh
   else:
     student_init, student_sh = base, base_sh
-  tx = make_optimizer(config.optimizer)
-  init_state, state_sh, abstract = sharded_train_state(student_init, student_sh, tx,
-                                                       config.seed, rep)
-  abstract_state = abstract_with_shardings(abstract, state_sh)
+  tx = make_optimizer(config.optimizer, config.train.num_steps)
+  init_state, state_sh, abstract_state = sharded_train_state(student_init, student_sh, tx,
+                                                             config.seed, rep)
 
   spec = round_spec(config, policy)
   batch_sh = {'cond': jax.tree.map(lambda x: shd.batch_sharding(mesh, np.ndim(x) + 1, 1),
@@ -139,7 +148,7 @@ def build_opd(config, mesh: Mesh, negative: dict, *, base_params: dict | None = 
                      in_shardings=(state_sh, frozen_sh, batch_sh),
                      out_shardings=(state_sh, metrics_sh), donate_argnums=(0,))
   return OPDSetup(spec, tx, frozen, frozen_sh, state_sh, init_state, abstract_state, round_fn,
-                  mesh)
+                  mesh, teacher_tasks, index)
 
 
 def device_batch(mesh: Mesh, cond: dict, teacher: np.ndarray) -> dict:

@@ -7,8 +7,11 @@
 `load_inputs(config, batch_per_task)` resolves all three, in that order (a mini-world base brings
 the text encoder that encodes the prompts), and returns the config with every field the base
 dictates filled in (the mini world's network sizes live in the base artifact's meta, so a stage
-can never build a differently shaped network than the weights it loads). Missing or mismatched
-inputs raise `ConfigError` naming the field.
+can never build a differently shaped network than the weights it loads; a diffusers base gives
+the transformer's config and, with rollout.shift = 0, the scheduler's shift). Teachers are
+declared by task (`config.teachers.tasks.<task>.path / .cfg_scale`) and loaded in data.tasks order.
+Missing or mismatched inputs raise `ConfigError` / `InputError` naming the field or path. Each
+loaded input also gives a fingerprint of its content, which a resumed run compares.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from typing import Any, Callable
 import ml_collections
 from flax import nnx
 
-from opd_jax.opd.config import ConfigError
 from opd_jax.data.prompt_source import RandomEmbeddingPrompts, TablePrompts
+from opd_jax.errors import ConfigError, InputError
+from opd_jax.opd.config import BASE_SOURCES, PROMPT_SOURCES, TEACHER_SOURCES
 
 
 @dataclasses.dataclass
@@ -30,14 +34,17 @@ class Base:
   """The base network's weights (None: the seeded random init) and what came with them."""
   params: Any = None
   text_encoder: tuple[Any, Any] | None = None    # (graphdef, params) when the base has one
+  fingerprint: str = 'seeded'                     # content digest of the weights' source
 
 
 @dataclasses.dataclass
 class OPDInputs:
   config: ml_collections.ConfigDict     # the run's config with base-derived fields filled in
   base: Base
-  teachers: list | None                 # per-task pytrees; None: seeded random stand-ins
+  teachers: list | None                 # per-task teacher pytrees in data.tasks order; None:
+                                        # seeded random stand-ins
   prompts: Any                          # a prompt source (next_batch/negative/get/set_position)
+  fingerprint: dict                     # {input name: content digest}, compared on resume
 
 
 def _require_dir(path: str, field: str, what: str) -> str:
@@ -55,26 +62,23 @@ def _random_base(config, mesh=None) -> Base:
 
 def _mini_world_base(config, mesh=None) -> Base:
   """A mini-world pretraining artifact (`artifacts.save_base`): DiT + frozen text encoder."""
-  from opd_jax.mini_world.networks import build_networks
   from opd_jax.mini_world import artifacts
+  from opd_jax.mini_world.networks import build_networks
   path = _require_dir(config.base.path, 'base.path', 'a mini-world base directory (the '
                       'pretrain stage writes WORKDIR/pretrain/base)')
-  try:
-    base = artifacts.load_base(path)
-  except FileNotFoundError as e:
-    raise ConfigError(f'config.base.path: {e}') from None
+  base = artifacts.load_base(path)
   # The network is whatever the base was trained as; LoRA and dtype stay the run's choice.
   for key, value in base.meta['model'].items():
     if key not in ('dtype',):
       config.model[key] = value
   nets = build_networks(base.model_config, base.text_encoder_config, seed=0)
-  return Base(base.dit, (nets.text_graphdef, base.text_encoder))
+  return Base(base.dit, (nets.text_graphdef, base.text_encoder), artifacts.fingerprint(path))
 
 
 def _diffusers_base(config, mesh=None) -> Base:
   """An SD3/SD3.5 transformer from a diffusers folder, loaded torch-free onto the mesh."""
-  from opd_jax.models.loading.pretrained import load_mmdit, resolve_folder
-  from opd_jax.models.loading.safetensors_io import CheckpointError, read_config
+  from opd_jax.models.loading.pretrained import load_mmdit, resolve_folder, scheduler_shift
+  from opd_jax.models.loading.safetensors_io import read_config
   from opd_jax.models.lora import split_model
   from opd_jax.models.registry import DTYPES, build_model
   from opd_jax.parallel import sharding as shd
@@ -83,11 +87,12 @@ def _diffusers_base(config, mesh=None) -> Base:
   if config.model.name != 'sd3':
     raise ConfigError(f"config.model.name: base.source 'diffusers' loads an SD3 transformer; "
                       f"set model.name to 'sd3' (got {config.model.name!r})")
-  try:
-    folder = resolve_folder(path, 'transformer')
-    transformer = read_config(folder)
-  except CheckpointError as e:
-    raise ConfigError(f'config.base.path: {e}') from None
+  folder = resolve_folder(path, 'transformer')
+  transformer = read_config(folder)
+  if config.rollout.shift == 0:   # the training schedule's shift, as the checkpoint ships it
+    given_transformer = os.path.normpath(folder) == os.path.normpath(path)
+    root = os.path.dirname(os.path.normpath(path)) if given_transformer else path
+    config.rollout.shift = scheduler_shift(root)
   config.model.transformer = ml_collections.ConfigDict(
       {k: v for k, v in transformer.items() if not k.startswith('_')})
   if transformer.get('in_channels') != config.model.latent_channels:
@@ -100,10 +105,24 @@ def _diffusers_base(config, mesh=None) -> Base:
     shardings = shd.state_shardings(base_state, mesh)
   module = load_mmdit(folder, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
                       remat=m.remat, remat_policy=m.remat_policy or None, shardings=shardings)
-  return Base(nnx.to_pure_dict(split_model(module)[1]))
+  return Base(nnx.to_pure_dict(split_model(module)[1]), fingerprint=_weights_fingerprint(folder))
 
 
-BASE_SOURCES: dict[str, Callable[..., Base]] = {
+def _weights_fingerprint(folder: str) -> str:
+  """config.json's content plus each weight file's name and size (weights are GBs: not hashed)."""
+  import hashlib
+  h = hashlib.sha256()
+  for name in sorted(os.listdir(folder)):
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+      h.update(f'{name}:{os.path.getsize(path)}'.encode())
+      if name.endswith('.json'):
+        with open(path, 'rb') as f:
+          h.update(f.read())
+  return h.hexdigest()
+
+
+BASE_LOADERS: dict[str, Callable[..., Base]] = {
     'random': _random_base,
     'mini_world': _mini_world_base,
     'diffusers': _diffusers_base,
@@ -115,57 +134,55 @@ def _random_teachers(config, base: Base) -> None:
   return None   # opd_setup.build_opd draws seeded stand-ins of the right layout
 
 
-def _artifact_teachers(config, base: Base) -> list:
-  """Saved RL teachers (`artifacts.save_adapter`), one directory per task, in task order."""
-  from opd_jax.mini_world import artifacts
-  paths = tuple(config.teachers.paths)
-  tasks = tuple(config.data.tasks)
-  if len(paths) != len(tasks):
-    raise ConfigError(f'config.teachers.paths: {len(paths)} paths for the {len(tasks)} tasks '
-                      f'{tasks}')
+def _teacher_paths(config, what: str) -> list[tuple[str, str]]:
+  """(task, directory) of the declared teacher of every task, in data.tasks order."""
   out = []
-  for task, path in zip(tasks, paths):
-    _require_dir(path, 'teachers.paths', f'the saved teacher of task {task!r}')
-    try:
-      adapter = artifacts.load_adapter(path)
-    except FileNotFoundError as e:
-      raise ConfigError(f'config.teachers.paths: {e}') from None
+  for task in config.data.tasks:
+    out.append((task, _require_dir(config.teachers.tasks[task].path,
+                                   f'teachers.tasks.{task}.path', f'{what} of task {task!r}')))
+  return out
+
+
+def _artifact_teachers(config, base: Base) -> list:
+  """Saved RL teachers (`artifacts.save_adapter`), one directory per declared task."""
+  from opd_jax.mini_world import artifacts
+  out = []
+  for task, path in _teacher_paths(config, 'the saved teacher'):
+    adapter = artifacts.load_adapter(path)
     layout = (int(adapter.meta['lora_rank']), float(adapter.meta['lora_alpha']))
-    want = (int(config.model.lora_rank), float(config.model.lora_alpha))
+    want = (int(config.lora.rank), float(config.lora.alpha))
     if layout != want:
-      raise ConfigError(f'config.model.lora_rank/lora_alpha: {want} differ from the teacher at '
-                        f'{path} (rank, alpha) = {layout}; teachers and student share one layout')
+      raise ConfigError(f'config.lora.rank/alpha: {want} differ from the teacher at {path} '
+                        f'(rank, alpha) = {layout}; teachers and student share one layout')
     if task not in adapter.meta['tasks']:
-      raise ConfigError(f'config.teachers.paths: {path} was trained on {adapter.meta["tasks"]}, '
-                        f'not on task {task!r} (paths go in data.tasks order)')
+      raise ConfigError(f'config.teachers.tasks.{task}.path: {path} was trained on '
+                        f'{adapter.meta["tasks"]}, not on task {task!r}')
     out.append(adapter.params)
   return out
 
 
 def _peft_teachers(config, base: Base) -> list:
-  """PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors), one per task, e.g.
-  the released DiffusionOPD GenEvalTeacher / OCRTeacher / AesTeacher."""
-  from opd_jax.models.loading.safetensors_io import CheckpointError
-  from opd_jax.models.peft_io import AdapterError, load_lora_adapter
+  """PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors), one per declared
+  task, e.g. the released DiffusionOPD GenEvalTeacher / OCRTeacher / AesTeacher.
+
+  An adapter of rank ≤ lora.rank whose modules are among the student's LoRA slots is folded
+  into the student's layout exactly (zero-padded rank, its alpha/r absorbed into B); a higher
+  rank or a module outside the slots is an error naming the adapter.
+  """
+  from opd_jax.models.peft_io import load_lora_adapter
   from opd_jax.models.registry import make_module
-  paths, tasks = tuple(config.teachers.paths), tuple(config.data.tasks)
-  if len(paths) != len(tasks):
-    raise ConfigError(f'config.teachers.paths: {len(paths)} paths for the {len(tasks)} tasks '
-                      f'{tasks}')
-  m = config.model
-  model = nnx.eval_shape(lambda: make_module(m, seed=0, lora_rank=m.lora_rank,
-                                             lora_alpha=m.lora_alpha))
+  m, l = config.model, config.lora
+  model = nnx.eval_shape(lambda: make_module(m, seed=0, lora_rank=l.rank, lora_alpha=l.alpha))
   out = []
-  for task, path in zip(tasks, paths):
-    _require_dir(path, 'teachers.paths', f'the PEFT adapter of task {task!r}')
-    try:   # ranks and alphas other than the student's are folded in exactly (zero-padded)
+  for task, path in _teacher_paths(config, 'the PEFT adapter'):
+    try:
       out.append(nnx.to_pure_dict(load_lora_adapter(path, model)))
-    except (AdapterError, CheckpointError, FileNotFoundError) as e:
-      raise ConfigError(f'config.teachers.paths: {path}: {e}') from None
+    except InputError as e:
+      raise InputError(f'config.teachers.tasks.{task}.path: {e}') from None
   return out
 
 
-TEACHER_SOURCES: dict[str, Callable[..., list | None]] = {
+TEACHER_LOADERS: dict[str, Callable[..., list | None]] = {
     'random': _random_teachers,
     'artifacts': _artifact_teachers,
     'peft': _peft_teachers,
@@ -223,11 +240,15 @@ def _sd3_embedding_prompts(config, base: Base, batch_per_task: int):
   return TablePrompts(tables, negative, batch_per_task, seed=config.seed)
 
 
-PROMPT_SOURCES: dict[str, Callable[..., Any]] = {
+PROMPT_LOADERS: dict[str, Callable[..., Any]] = {
     'random_embeddings': _random_prompts,
     'mini_world': _mini_world_prompts,
     'sd3_embeddings': _sd3_embedding_prompts,
 }
+
+
+assert set(BASE_LOADERS) == set(BASE_SOURCES) and set(TEACHER_LOADERS) == set(TEACHER_SOURCES)
+assert set(PROMPT_LOADERS) == set(PROMPT_SOURCES)
 
 
 def _lookup(registry: dict, name: str, field: str) -> Callable:
@@ -236,15 +257,29 @@ def _lookup(registry: dict, name: str, field: str) -> Callable:
   return registry[name]
 
 
+def _fingerprint(config, base: Base, prompts) -> dict:
+  from opd_jax.mini_world import artifacts
+  out = {'base': base.fingerprint}
+  for task in config.data.tasks:
+    teacher = config.teachers.tasks[task]
+    if config.teachers.source == 'artifacts':
+      out[f'teacher/{task}'] = artifacts.fingerprint(teacher.path)
+    elif config.teachers.source == 'peft':
+      from opd_jax.fingerprint import directory_fingerprint
+      out[f'teacher/{task}'] = directory_fingerprint(teacher.path)
+  out['prompts'] = prompts.fingerprint()
+  return out
+
+
 def load_inputs(config: ml_collections.ConfigDict, batch_per_task: int, mesh=None) -> OPDInputs:
   """Base, teachers and prompts of an OPD run (see the module docstring).
 
   mesh: where loaded base weights go (sharded as the model's logical axes say); None: host.
   """
   config = copy.deepcopy(config)
-  base = _lookup(BASE_SOURCES, config.base.source, 'base.source')(config, mesh)
-  teachers = _lookup(TEACHER_SOURCES, config.teachers.source, 'teachers.source')(config, base)
-  prompts = _lookup(PROMPT_SOURCES, config.data.source, 'data.source')(config, base,
+  base = _lookup(BASE_LOADERS, config.base.source, 'base.source')(config, mesh)
+  teachers = _lookup(TEACHER_LOADERS, config.teachers.source, 'teachers.source')(config, base)
+  prompts = _lookup(PROMPT_LOADERS, config.data.source, 'data.source')(config, base,
                                                                       batch_per_task)
-  return OPDInputs(config, base, teachers, prompts)
+  return OPDInputs(config, base, teachers, prompts, _fingerprint(config, base, prompts))
 

@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from opd_jax.errors import ConfigError
+
 AXES = ('data', 'fsdp', 'tensor')
 
 
@@ -20,21 +22,21 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, 
   """Fills a single -1 entry and checks the product equals the device count."""
   unknown = [a for a in shape if a not in AXES]
   if unknown:
-    raise ValueError(f'config.mesh.shape: unknown axes {unknown}; allowed axes are {AXES}')
+    raise ConfigError(f'config.mesh.shape: unknown axes {unknown}; allowed axes are {AXES}')
   sizes = {a: int(shape.get(a, 1)) for a in AXES}
   free = [a for a, s in sizes.items() if s == -1]
   if len(free) > 1:
-    raise ValueError(f'config.mesh.shape: at most one axis may be -1, got {free}')
+    raise ConfigError(f'config.mesh.shape: at most one axis may be -1, got {free}')
   if any(s == 0 or s < -1 for s in sizes.values()):
-    raise ValueError(f'config.mesh.shape: sizes must be positive or -1, got {sizes}')
+    raise ConfigError(f'config.mesh.shape: sizes must be positive or -1, got {sizes}')
   known = int(np.prod([s for s in sizes.values() if s != -1]))
   if free:
     if num_devices % known:
-      raise ValueError(f'config.mesh.shape {sizes}: {num_devices} devices are not divisible '
+      raise ConfigError(f'config.mesh.shape: {sizes}: {num_devices} devices are not divisible '
                        f'by the fixed axes (product {known})')
     sizes[free[0]] = num_devices // known
   if int(np.prod(list(sizes.values()))) != num_devices:
-    raise ValueError(f'config.mesh.shape {sizes} needs {int(np.prod(list(sizes.values())))} '
+    raise ConfigError(f'config.mesh.shape: {sizes} needs {int(np.prod(list(sizes.values())))} '
                      f'devices but {num_devices} are available')
   return sizes
 

@@ -9,17 +9,17 @@ SD3.5-M — the DiT and the text encoder are trained jointly with the flow-match
 with t logit-normal (SD3) or uniform, and each prompt replaced by "" with probability
 `prompt_dropout` so the model also learns the unconditional velocity that CFG needs.
 
-`run_pretrain(config, workdir)` saves the base (EMA or raw weights, per config) with its text
-encoder and config sections as an `artifacts.save_base` artifact under workdir/base; every later
-stage starts from it. `config.ship` also writes it as the repo's shipped base, and
-`config.reuse_shipped` returns that shipped base instead of training when it was made with the
-same settings (opd_jax.mini_world.shipped_base). The update is one jitted function with donated
-state and explicit shardings, like the OPD round.
+`run_pretrain(config, workdir)` trains through the shared loop (`opd_jax.train.loop`: resume,
+checkpoints, NaN and preemption handling) and saves the base (EMA or raw weights, per
+`ema.use_ema`) with its text encoder and config sections as an `artifacts.save_base` artifact
+under workdir/base; every later stage starts from it. `config.ship` also writes it as the repo's
+shipped base, and `config.reuse_shipped` returns that shipped base instead of training when it
+was made with the same settings (opd_jax.mini_world.shipped_base).
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 import time
 from typing import Any
@@ -30,9 +30,11 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import tqdm
 
+from opd_jax.errors import ConfigError, InputError
+from opd_jax.mini_world import artifacts
 from opd_jax.mini_world import latents as latent_codec
+from opd_jax.mini_world import shipped_base
 from opd_jax.mini_world import tfds_builder
 from opd_jax.mini_world import tokenizer
 from opd_jax.mini_world.networks import build_networks, check_latent_matches_model
@@ -40,12 +42,14 @@ from opd_jax.mini_world.text_encoder import encode_tokens
 from opd_jax.parallel import sharding as shd
 from opd_jax.parallel.mesh import batch_axis_size, make_mesh
 from opd_jax.sampling.schedule import NUM_TRAIN_TIMESTEPS
-from opd_jax.mini_world import artifacts
-from opd_jax.mini_world import shipped_base
-from opd_jax.train.metric_writer import MetricWriter, flatten_metrics
-from opd_jax.train.state import TrainState, create_train_state, ema_update
+from opd_jax.train import config_check as cc
+from opd_jax.train import loop
+from opd_jax.train.state import EMARule, TrainState, make_optimizer, sharded_train_state
 
 TIMESTEP_SAMPLING = ('logit_normal', 'uniform')
+SECTIONS = ('seed', 'trainer', 'data.data_dir', 'data.dataset_config', 'data.batch_size',
+            'data.batch_size_per_device', 'latent', 'model', 'text_encoder', 'pretrain',
+            'optimizer', 'ema', 'mesh', 'train', 'reuse_shipped', 'ship')
 
 
 class PretrainData:
@@ -53,13 +57,18 @@ class PretrainData:
 
   def __init__(self, data_dir: str, dataset_config: str, unshuffle: int, batch_size: int,
                seed: int):
-    source = tfds_builder.load_split(data_dir, tfds_builder.PRETRAIN_SPLIT, dataset_config)
+    try:
+      source = tfds_builder.load_split(data_dir, tfds_builder.PRETRAIN_SPLIT, dataset_config)
+    except Exception as e:   # TFDS raises many types for a corrupt or half-written dataset
+      raise InputError(f'config.data.data_dir: the mini_world dataset in {data_dir} is '
+                       f'unreadable ({type(e).__name__}: {e}); delete it to rebuild') from None
     examples = [source[i] for i in range(len(source))]
     self.images = np.stack([e['image'] for e in examples])            # uint8 [N, S, S, 3]
     self.tokens = np.stack([e['tokens'] for e in examples]).astype(np.int32)
     self.unshuffle, self.batch_size, self.seed = unshuffle, batch_size, seed
     if batch_size > len(examples):
-      raise ValueError(f'batch size {batch_size} exceeds the {len(examples)} pretraining pairs')
+      raise ConfigError(f'config.data.batch_size: {batch_size} exceeds the {len(examples)} '
+                        'pretraining pairs')
     self._epoch, self._order = -1, None
 
   def __len__(self) -> int:
@@ -77,22 +86,6 @@ class PretrainData:
             'tokens': self.tokens[idx]}
 
 
-def make_pretrain_optimizer(opt_cfg, num_steps: int) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping, linear warmup and an optional cosine decay to 0."""
-  if opt_cfg.schedule == 'cosine':
-    lr = optax.warmup_cosine_decay_schedule(0.0, opt_cfg.lr, opt_cfg.warmup_steps,
-                                            max(num_steps, opt_cfg.warmup_steps + 1))
-  elif opt_cfg.schedule == 'constant':
-    lr = optax.join_schedules([optax.linear_schedule(0.0, opt_cfg.lr, opt_cfg.warmup_steps),
-                               optax.constant_schedule(opt_cfg.lr)], [opt_cfg.warmup_steps])
-  else:
-    raise ValueError(f'config.optimizer.schedule: {opt_cfg.schedule!r} is not cosine/constant')
-  return optax.chain(
-      optax.clip_by_global_norm(opt_cfg.grad_clip),
-      optax.adamw(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                  weight_decay=opt_cfg.weight_decay))
-
-
 def sample_timesteps(key: jax.Array, batch: int, method: str, logit_mean: float,
                      logit_std: float) -> jax.Array:
   """t ∈ (0, 1) [B]: logit-normal σ(m + s·z) (SD3's default) or uniform."""
@@ -100,7 +93,8 @@ def sample_timesteps(key: jax.Array, batch: int, method: str, logit_mean: float,
     return jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, (batch,)))
   if method == 'uniform':
     return jax.random.uniform(key, (batch,), minval=1e-4, maxval=1.0)
-  raise ValueError(f'unknown timestep sampling {method!r}; choose one of {TIMESTEP_SAMPLING}')
+  raise ConfigError(f'config.pretrain.timestep_sampling: {method!r} is not one of '
+                    f'{TIMESTEP_SAMPLING}')
 
 
 def flow_matching_loss(dit_graphdef: Any, text_graphdef: Any, params: dict, x0: jax.Array,
@@ -117,6 +111,7 @@ def make_pretrain_step(config, dit_graphdef: Any, text_graphdef: Any,
                        tx: optax.GradientTransformation):
   """The un-jitted step (state, batch) → (state, metrics)."""
   p = config.pretrain
+  ema = EMARule.from_config(config.ema)
   empty_tokens = jnp.asarray(tokenizer.encode([''])[0][0])
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -132,50 +127,101 @@ def make_pretrain_step(config, dit_graphdef: Any, text_graphdef: Any,
           lambda prm: flow_matching_loss(dit_graphdef, text_graphdef, prm, x0, tokens, t, eps)
       )(state.params)
     with jax.named_scope('update'):
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      new_step = state.step + 1
-      ema, decay = ema_update(state.ema_params, params, new_step, config.ema.max_decay,
-                              config.ema.every)
-    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'ema_decay': decay}
-    return state.replace(step=new_step, params=params, opt_state=opt_state,
-                         ema_params=ema), metrics
+      state, metrics = state.apply_gradients(grads, tx, ema)
+    metrics['loss'] = loss
+    metrics['finite'] = metrics['finite'] & jnp.isfinite(loss)
+    return state, metrics
 
   return step
 
 
-def validate_pretrain_config(config) -> None:
-  check_latent_matches_model(config.model, config.latent)
-  if config.pretrain.timestep_sampling not in TIMESTEP_SAMPLING:
-    raise ValueError(f'config.pretrain.timestep_sampling: {config.pretrain.timestep_sampling!r}'
-                     f' is not one of {TIMESTEP_SAMPLING}')
-  if not 0 <= config.pretrain.prompt_dropout < 1:
-    raise ValueError('config.pretrain.prompt_dropout must be in [0, 1)')
-  if config.train.num_steps < 1:
-    raise ValueError('config.train.num_steps must be >= 1')
+def validate(config) -> None:
+  """Raises ConfigError for the first invalid field of a pretraining config."""
+  cc.require_sections(config, SECTIONS)
+  cc.check(config.trainer == 'pretrain', 'trainer',
+           f"a pretraining config has trainer 'pretrain', got {config.trainer!r}")
+  cc.validate_common(config)
+  cc.validate_batch(config.data)
+  try:
+    check_latent_matches_model(config.model, config.latent)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  p = config.pretrain
+  cc.choice(p.timestep_sampling, 'pretrain.timestep_sampling', TIMESTEP_SAMPLING)
+  cc.check(0 <= p.prompt_dropout < 1, 'pretrain.prompt_dropout',
+           f'must be in [0, 1), got {p.prompt_dropout}')
+  cc.integer(config.train.num_steps, 'train.num_steps', 1)
 
 
 def base_meta(config) -> dict:
   """The sections a later stage needs to rebuild the base's networks."""
   return {'model': config.model.to_dict(), 'text_encoder': config.text_encoder.to_dict(),
           'latent': config.latent.to_dict(), 'seed': config.seed, 'stage': 'pretrain',
-          'weights': 'ema' if config.pretrain.save_ema else 'raw'}
+          'weights': 'ema' if config.ema.use_ema else 'raw'}
+
+
+@dataclasses.dataclass
+class PretrainTrainer:
+  """The `loop.Trainer` of pretraining: step k trains on batch k of the epoch order."""
+  data: PretrainData
+  step_fn: Any
+  batch_shardings: Any
+  init_state: Any
+  abstract_state: Any
+  use_ema: bool
+  name: str = 'pretrain'
+  metric_names: dict = dataclasses.field(default_factory=dict)
+
+  def step(self, state, step: int):
+    return self.step_fn(state, jax.device_put(self.data.batch(step), self.batch_shardings))
+
+  def get_position(self) -> dict:
+    return {}        # batch k is a function of (seed, k): the step is the position
+
+  def set_position(self, position: dict) -> None:
+    del position
+
+  def inputs_fingerprint(self) -> dict:
+    return {'pretrain_pairs': len(self.data)}
+
+  def eval_params(self, state):
+    return state.ema_params if self.use_ema else state.params
+
+
+def prepare(config, mesh) -> tuple[PretrainTrainer, Any]:
+  """(trainer, networks) for `config` on `mesh` (the data is read, nothing is trained)."""
+  batch = cc.global_batch_size(config.data, batch_axis_size(mesh))
+  data = PretrainData(config.data.data_dir, config.data.dataset_config, config.latent.unshuffle,
+                      batch, config.seed)
+  nets = build_networks(config.model, config.text_encoder, seed=config.seed)
+  params = {'dit': nnx.to_pure_dict(nets.dit_base),
+            'text_encoder': nnx.to_pure_dict(nets.text_params)}
+  param_sh = {'dit': shd.state_shardings(nets.dit_base, mesh),
+              'text_encoder': shd.state_shardings(nets.text_params, mesh)}
+  rep = shd.replicated(mesh)
+  tx = make_optimizer(config.optimizer, config.train.num_steps)
+  init_state, state_sh, abstract = sharded_train_state(params, param_sh, tx, config.seed, rep)
+  batch_sh = {'latents': shd.batch_sharding(mesh, 4), 'tokens': shd.batch_sharding(mesh, 2)}
+  step_fn = jax.jit(make_pretrain_step(config, nets.dit_graphdef, nets.text_graphdef, tx),
+                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
+                    donate_argnums=(0,))
+  trainer = PretrainTrainer(data, step_fn, batch_sh, init_state, abstract, config.ema.use_ema)
+  return trainer, nets
 
 
 def run_pretrain(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) -> dict:
-  """Pretrains the base DiT + text encoder and saves them under workdir/base.
+  """Pretrains (or resumes pretraining) the base DiT + text encoder; saves them in workdir/base.
 
   Args:
     config: a `configs/mini/pretrain.py` config.
-    workdir: output directory (metrics.jsonl, tensorboard/, base/).
+    workdir: output directory (metrics.jsonl, tensorboard/, checkpoints/, base/).
     mesh: optional device mesh (default: from config.mesh.shape over all devices).
 
   Returns:
-    {'base_dir': path of the saved base artifact, 'wall_s': seconds from start to saved,
-     'steps': steps run, 'metrics': the last logged metrics}.
+    {'base_dir': path of the saved base artifact, 'wall_s': training seconds (cumulative over
+     resumes), 'steps': steps run, 'metrics': the last logged metrics}.
   """
-  start = time.time()
-  validate_pretrain_config(config)
+  validate(config)
   if config.reuse_shipped:
     reasons = shipped_base.mismatch(config)
     if not reasons:
@@ -183,57 +229,24 @@ def run_pretrain(config: ml_collections.ConfigDict, workdir: str, *, mesh=None) 
     if jax.process_index() == 0:
       print('[pretrain] the shipped base was made with other settings, training a new one: '
             + '; '.join(reasons[:3]), flush=True)
+  started = time.time()
   mesh = mesh or make_mesh(config.mesh.shape.to_dict())
-  if config.train.batch_size % batch_axis_size(mesh):
-    raise ValueError(f'config.train.batch_size {config.train.batch_size} is not divisible by '
-                     f'the {batch_axis_size(mesh)}-way batch split of the mesh')
-  data = PretrainData(config.data.data_dir, config.data.dataset_config, config.latent.unshuffle,
-                      config.train.batch_size, config.seed)
-  nets = build_networks(config.model, config.text_encoder, seed=config.seed)
-  params = {'dit': nnx.to_pure_dict(nets.dit_base),
-            'text_encoder': nnx.to_pure_dict(nets.text_params)}
-  param_sh = {'dit': shd.state_shardings(nets.dit_base, mesh),
-              'text_encoder': shd.state_shardings(nets.text_params, mesh)}
-  rep = shd.replicated(mesh)
-  tx = make_pretrain_optimizer(config.optimizer, config.train.num_steps)
-  abstract = jax.eval_shape(lambda: create_train_state(params, tx, config.seed))
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_sh,
-                                 transform_non_params=lambda _: rep)
-  state_sh = TrainState(step=rep, params=param_sh, opt_state=opt_sh, ema_params=param_sh,
-                        rng=rep)
-  state = jax.jit(lambda p: create_train_state(p, tx, config.seed), out_shardings=state_sh)(params)
-  del params
-  batch_sh = {'latents': shd.batch_sharding(mesh, 4), 'tokens': shd.batch_sharding(mesh, 2)}
-  step_fn = jax.jit(make_pretrain_step(config, nets.dit_graphdef, nets.text_graphdef, tx),
-                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
-                    donate_argnums=(0,))
-
-  writer = MetricWriter(workdir)
-  metrics: dict = {}
-  num_steps = config.train.num_steps
-  try:
-    for step in tqdm(range(num_steps), desc='pretrain', mininterval=2.0,
-                     disable=jax.process_index() != 0):
-      batch = jax.device_put(data.batch(step), batch_sh)
-      state, step_metrics = step_fn(state, batch)
-      done = step + 1
-      if done % config.train.log_every == 0 or done == num_steps:
-        metrics = flatten_metrics(jax.device_get(step_metrics))
-        if not math.isfinite(metrics['loss']):
-          raise FloatingPointError(f'pretraining loss is {metrics["loss"]} at step {done}')
-        metrics['wall_s'] = time.time() - start
-        writer.write(done, metrics)
-  finally:
-    writer.close()
-  weights = state.ema_params if config.pretrain.save_ema else state.params
+  trainer, _ = prepare(config, mesh)
+  result = loop.run(trainer, config, workdir, started=started)
+  weights = jax.device_get(trainer.eval_params(result.state))
   base_dir = artifacts.save_base(os.path.join(workdir, 'base'), weights['dit'],
                                  weights['text_encoder'], base_meta(config))
-  wall = time.time() - start
   if config.ship and jax.process_index() == 0:
-    prefix = shipped_base.ship(base_dir, config, train_seconds=wall,
-                               final_loss=metrics.get('loss'))
+    prefix = shipped_base.ship(base_dir, config, train_seconds=result.train_seconds,
+                               final_loss=result.metrics.get('loss'))
     print(f'[pretrain] shipped the base as {prefix}.safetensors / .json', flush=True)
-  return {'base_dir': base_dir, 'wall_s': wall, 'steps': num_steps, 'metrics': metrics}
+  return {'base_dir': base_dir, 'wall_s': result.train_seconds,
+          'steps': config.train.num_steps, 'metrics': result.metrics}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """The `pretrain` entry of `opd_jax.trainers`."""
+  run_pretrain(config, workdir)
 
 
 def _reuse_shipped(config, workdir: str) -> dict:
@@ -245,7 +258,7 @@ def _reuse_shipped(config, workdir: str) -> dict:
   got = {'dit': base.dit, 'text_encoder': base.text_encoder}
   shape = lambda tree: jax.tree.map(np.shape, tree)
   if shape(expected) != shape(got):
-    raise ValueError(f'{shipped_base.ASSET_PREFIX}.safetensors does not hold the parameters '
+    raise InputError(f'{shipped_base.ASSET_PREFIX}.safetensors does not hold the parameters '
                      f'of config.model / config.text_encoder; remake it with {record["command"]}')
   base_dir = artifacts.save_base(os.path.join(workdir, 'base'), base.dit, base.text_encoder,
                                  base.meta)

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from opd_jax.mini_world import artifacts
+from opd_jax.recipe.evaluation import evaluator
 
 CURVE_STAGES = ('opd', 'multitask_rl', 'cascade_rl')
 # The times read off the curves: figures key → what is reached.
@@ -208,7 +209,6 @@ def _machine() -> str:
 
 def write_report(recipe, directory: str) -> dict:
   """Evaluates every model whose stage has run and writes report.json/md and the PNGs."""
-  from opd_jax.recipe.mini_world import evaluator
   c = recipe.config.report
   ev = evaluator(recipe, c.eval)
   models: dict[str, tuple[Any, float]] = {'base': (None, float(c.base_cfg_scale))}

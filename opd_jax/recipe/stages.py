@@ -6,11 +6,13 @@
 
 Each stage runs the same trainer a stage config under configs/mini/ runs alone, in its own
 directory WORKDIR/<stage>/, and ends by writing WORKDIR/<stage>/stage.json (its key, the
-artifact it produced and its training seconds). A stage whose stage.json carries the current key
-is cached and skipped; the key hashes the stage's config section, the run seed and the keys of
-the stages it depends on, so changing a teacher's settings re-runs that teacher, the student and
-the report, and nothing else. An interrupted OPD stage resumes from its Orbax checkpoints; an
-interrupted RL or pretraining stage restarts (they take about a minute).
+artifact it produced — a path relative to WORKDIR, so a copied workdir uses its own files — and
+its training seconds). A stage whose stage.json carries the current key and whose artifact is
+intact (`artifacts.verify`) is cached and skipped; a missing or corrupt artifact re-runs the
+stage. The key hashes the stage's config section, the run seed and the keys of the stages it
+depends on, so changing a teacher's settings re-runs that teacher, the student and the report,
+and nothing else. An interrupted stage (a kill, SIGTERM, a crash) resumes from its checkpoints
+when the command runs again with the same settings.
 
 The OPD student and the two baselines are evaluated during training by a `Probe` (off the
 clock) for the reward-vs-wall-clock plot; the report evaluates every model on the held-out
@@ -31,7 +33,8 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from opd_jax.opd.config import ConfigError
+from opd_jax.errors import ConfigError, InputError
+from opd_jax.mini_world import artifacts
 
 STAGE_FILE = 'stage.json'
 KEY_FILE = 'stage_key'
@@ -41,8 +44,8 @@ KEY_FILE = 'stage_key'
 class Stage:
   name: str
   deps: tuple[str, ...]
-  run: Callable[['Recipe', str], dict]   # (recipe, stage dir) → result dict (JSON-able)
-  resumable: bool = False                # keeps its directory across an interrupted run
+  run: Callable[['Recipe', str], dict]   # (recipe, stage dir) → result dict (JSON-able); an
+                                         # 'artifact' entry is an absolute path in WORKDIR
 
 
 def expand_stages(spec: str | tuple, tasks: tuple[str, ...]) -> list[str]:
@@ -109,14 +112,28 @@ class Recipe:
                                 'deps': [self.key(d) for d in stage.deps]})
     return self._keys[name]
 
-  def cached(self, name: str) -> dict | None:
-    """The stage's result if it completed with the current key, else None."""
+  def cached(self, name: str, verbose: bool = False) -> dict | None:
+    """The stage's result if it completed with the current key and its artifact is intact."""
     path = os.path.join(self.stage_dir(name), STAGE_FILE)
     if not os.path.exists(path):
       return None
-    with open(path) as f:
-      record = json.load(f)
-    return record if record.get('key') == self.key(name) else None
+    try:
+      with open(path) as f:
+        record = json.load(f)
+    except (OSError, json.JSONDecodeError):
+      return None
+    if record.get('key') != self.key(name):
+      return None
+    if 'artifact' in record:
+      record['artifact'] = os.path.join(self.workdir, record['artifact'])
+      try:
+        artifacts.verify(record['artifact'])
+      except InputError as e:
+        if verbose and jax.process_index() == 0:
+          print(f'[{name}] its saved artifact is unusable ({e}); running the stage again',
+                flush=True)
+        return None
+    return record
 
   def result(self, name: str) -> dict:
     record = self.cached(name)
@@ -124,6 +141,10 @@ class Recipe:
       raise ConfigError(f'config.stages: stage {name!r} has no up-to-date result in '
                         f'{self.stage_dir(name)}; add it to config.stages')
     return record
+
+  def artifact(self, name: str) -> str:
+    """The absolute path of a completed stage's artifact."""
+    return self.result(name)['artifact']
 
   # --- running ----------------------------------------------------------------------------------
   def run(self, selected: list[str]) -> dict[str, dict]:
@@ -143,7 +164,7 @@ class Recipe:
     return results
 
   def _run_one(self, name: str) -> dict:
-    record = self.cached(name)
+    record = self.cached(name, verbose=True)
     lead = jax.process_index() == 0
     if record is not None and name != 'report':
       if lead:
@@ -151,12 +172,16 @@ class Recipe:
       return record
     directory = self.stage_dir(name)
     key_path = os.path.join(directory, KEY_FILE)
-    stale = (os.path.exists(directory) and (not self.stages[name].resumable or
-             not os.path.exists(key_path) or open(key_path).read() != self.key(name)))
-    if stale and name != 'report':
+    key = None
+    if os.path.exists(key_path):
+      with open(key_path) as f:
+        key = f.read()
+    if os.path.exists(directory) and key != self.key(name) and name != 'report':
       if lead:
-        print(f'[{name}] settings changed or run interrupted: starting it afresh', flush=True)
+        print(f'[{name}] settings changed: starting it afresh', flush=True)
       shutil.rmtree(directory)
+    elif os.path.exists(os.path.join(directory, STAGE_FILE)) and lead:
+      os.remove(os.path.join(directory, STAGE_FILE))   # its artifact is gone: make it again
     os.makedirs(directory, exist_ok=True)
     with open(key_path, 'w') as f:
       f.write(self.key(name))
@@ -167,7 +192,11 @@ class Recipe:
     wall = time.time() - began
     record = {'key': self.key(name), 'stage': name, 'wall_seconds': wall,
               'train_seconds': result.pop('train_seconds', wall), **result}
+    if 'artifact' in record:
+      record['artifact'] = os.path.relpath(record['artifact'], self.workdir)
     if lead:
       _write_json(os.path.join(directory, STAGE_FILE), record)
       print(f'[{name}] done in {wall:.0f} s', flush=True)
+    if 'artifact' in record:
+      record['artifact'] = os.path.join(self.workdir, record['artifact'])
     return record

@@ -4,7 +4,7 @@ Each iteration:
   1. draw prompts of the active task(s) (joint or cascade, as in Flow-GRPO), G images each,
      sampled by the *old* policy θ_old with any sampler (config.rollout; the Euler ODE here);
   2. score the images on the host with each prompt's task reward, normalise per prompt group
-     (`rl_setup.group_advantages`) and map to an optimality weight r = clip(½ + ½·A/A_max, 0, 1);
+     (`advantages.group_advantages`) and map to an optimality weight r = clip(½ + ½·A/A_max, 0, 1);
   3. re-noise the clean samples x_t = (1 − t)·x0 + t·ε at fresh t ~ U(t_min, t_max) and train
      on the flow-matching loss of an implicit positive and negative policy
 
@@ -17,30 +17,27 @@ Each iteration:
      independent of β (∂L/∂v_θ = 2r(v+ − target) + …);
   4. θ_old ← η·θ_old + (1 − η)·θ (η = nft.old_decay; 0: sample with the current policy).
 
-The inner loop (epochs × minibatches) is one jitted call with donated state.
+θ_old lives in the TrainState's `extra`, so it is checkpointed and restored with the adapter.
+The inner loop (epochs × minibatches) is one jitted call with donated state; iterations,
+checkpoints and resume are the shared RL trainer's (`opd_jax.rl.trainer`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
+from opd_jax.errors import ConfigError
 from opd_jax.models.policy import Policy
 from opd_jax.parallel import sharding as shd
-from opd_jax.parallel.mesh import make_mesh
+from opd_jax.rl.setup import RLSetup, put_batch
 from opd_jax.sampling.schedule import NUM_TRAIN_TIMESTEPS
-from opd_jax.mini_world import artifacts
-from opd_jax.rl import setup as rl_setup
-from opd_jax.train.probe import Probe
-from opd_jax.train.state import TrainState, ema_update
+from opd_jax.train.state import EMARule, TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,21 +51,21 @@ class NFTSpec:
   num_minibatches: int
   inner_epochs: int
   old_decay: float
-  ema_max_decay: float
-  ema_every: int
+  ema: EMARule
 
 
 def nft_spec(config) -> NFTSpec:
   n, t = config.nft, config.train
   if not 0 < n.beta <= 1:
-    raise ValueError(f'config.nft.beta must be in (0, 1], got {n.beta}')
+    raise ConfigError(f'config.nft.beta: must be in (0, 1], got {n.beta}')
   if not 0 <= n.t_min < n.t_max <= 1:
-    raise ValueError(f'config.nft needs 0 <= t_min < t_max <= 1, got {n.t_min}, {n.t_max}')
+    raise ConfigError(f'config.nft.t_min: needs 0 <= t_min < t_max <= 1, got {n.t_min}, '
+                      f'{n.t_max}')
   if config.rollout.cfg_scale != 1.0:
-    raise ValueError('DiffusionNFT is CFG-free: set rollout.cfg_scale = 1.0')
+    raise ConfigError('config.rollout.cfg_scale: DiffusionNFT is CFG-free; set it to 1.0')
   return NFTSpec(float(n.beta), float(n.adv_clip), float(n.kl_beta), n.timesteps_per_sample,
                  float(n.t_min), float(n.t_max), t.num_minibatches, t.inner_epochs,
-                 float(n.old_decay), config.ema.max_decay, config.ema.every)
+                 float(n.old_decay), EMARule.from_config(config.ema))
 
 
 def optimality(advantages: np.ndarray, adv_clip: float) -> np.ndarray:
@@ -109,10 +106,11 @@ def nft_loss(spec: NFTSpec, policy: Policy, params: Any, old_params: Any, frozen
 
 
 def make_nft_update(spec: NFTSpec, policy: Policy, tx: optax.GradientTransformation):
-  """(state, old, frozen, ref_adapter, batch, iteration) → (state, old, metrics)."""
+  """(state, frozen, ref_adapter, batch, iteration) → (state, metrics); θ_old in state.extra."""
 
-  def update(state: TrainState, old_params: Any, frozen: dict, ref_adapter: Any, batch: dict,
+  def update(state: TrainState, frozen: dict, ref_adapter: Any, batch: dict,
              iteration: jax.Array):
+    old_params = state.extra['old']
     b = batch['r'].shape[0]
     mb = b // spec.num_minibatches
     key = jax.random.fold_in(jax.random.fold_in(state.rng, iteration), 2)
@@ -130,72 +128,54 @@ def make_nft_update(spec: NFTSpec, policy: Policy, tx: optax.GradientTransformat
             lambda p: nft_loss(spec, policy, p, old_params, frozen, ref_adapter, mbatch,
                                jax.random.fold_in(k_noise, i)), has_aux=True)(state.params)
       with jax.named_scope('update'):
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        step = state.step + 1
-        ema, _ = ema_update(state.ema_params, params, step, spec.ema_max_decay, spec.ema_every)
-      return (state.replace(step=step, params=params, opt_state=opt_state, ema_params=ema),
-              {'loss': loss, 'grad_norm': optax.tree.norm(grads), **aux})
+        state, update_metrics = state.apply_gradients(grads, tx, spec.ema)
+      return state, {'loss': loss, **aux, **update_metrics}
 
     num = spec.inner_epochs * spec.num_minibatches
     state, per = jax.lax.scan(inner, state, (jnp.arange(num), idx))
     new_old = jax.tree.map(lambda o, p: spec.old_decay * o + (1 - spec.old_decay) * p,
                            old_params, state.params)
-    return state, new_old, {k: jnp.mean(v) for k, v in per.items()}
+    metrics = {k: jnp.mean(v) for k, v in per.items()
+               if k not in ('finite', 'param_norm', 'ema_decay')}
+    metrics['param_norm'] = per['param_norm'][-1]
+    metrics['finite'] = jnp.all(per['finite']) & jnp.all(jnp.isfinite(per['loss']))
+    return state.replace(extra={'old': new_old}), metrics
 
   return update
 
 
-def run_nft(config: ml_collections.ConfigDict, workdir: str,
-            base: str | artifacts.BaseModel, *, mesh=None,
-            probe: Probe | None = None) -> dict:
-  """Trains a DiffusionNFT LoRA teacher on config.data.tasks; saves it under workdir/teacher.
+def extra_init(adapter: Any) -> dict:
+  """NFT's state beyond the TrainState: θ_old, initialised to θ (or its shardings, given θ's)."""
+  return {'old': adapter}
 
-  Args:
-    config: a `configs/mini/nft.py` (or multitask_rl / cascade_rl :nft) config.
-    workdir: output directory (metrics.jsonl, tensorboard/, teacher/).
-    base: the pretrained base artifact (or its directory).
-    mesh: optional device mesh (default: from config.mesh.shape).
-    probe: optional evaluation during training, off the clock (`opd_jax.train.probe`).
 
-  Returns:
-    {'teacher_dir', 'wall_s', 'steps', 'metrics', 'reward_history'} as `run_grpo`.
-  """
-  start = time.time()
-  mesh = mesh or make_mesh(config.mesh.shape.to_dict())
-  base = artifacts.load_base(base) if isinstance(base, str) else base
-  rl_setup.check_batch(config, mesh)
+@dataclasses.dataclass
+class NFT:
+  """DiffusionNFT as an algorithm of the RL trainer: samples with θ_old, regresses on x0."""
+  spec: NFTSpec
+  setup: RLSetup
+  update_fn: Any
+
+  def sampler_params(self, state: TrainState) -> Any:
+    return state.extra['old']     # samples come from θ_old (= θ when old_decay = 0)
+
+  def update(self, state: TrainState, traj, cond, adv: np.ndarray, iteration: int):
+    batch = {'x0': traj.latents[-1],
+             'r': put_batch(self.setup.mesh, optimality(adv, self.spec.adv_clip)), 'cond': cond}
+    return self.update_fn(state, self.setup.frozen, self.setup.zero_adapter, batch,
+                          jnp.int32(iteration))
+
+
+def build(config, setup: RLSetup, cond_example: dict) -> NFT:
+  """The jitted, sharded DiffusionNFT update for `setup` (state donated)."""
   spec = nft_spec(config)
-  setup = rl_setup.build_rl(config, mesh, base)
-  prompts = rl_setup.load_rl_prompts(config, base, setup.nets)
+  mesh = setup.mesh
   rep = shd.replicated(mesh)
-  adapter_sh = setup.state_shardings.params
   batch_sh = {'x0': shd.batch_sharding(mesh, len(setup.latent_shape) + 1),
               'r': shd.batch_sharding(mesh, 1),
-              'cond': jax.tree.map(lambda x: shd.batch_sharding(mesh, np.ndim(x)),
-                                   prompts.sets[0].cond)}
+              'cond': jax.tree.map(lambda x: shd.batch_sharding(mesh, np.ndim(x)), cond_example)}
   update_fn = jax.jit(make_nft_update(spec, setup.policy, setup.tx),
-                      in_shardings=(setup.state_shardings, adapter_sh, setup.frozen_shardings,
-                                    adapter_sh, batch_sh, rep),
-                      out_shardings=(setup.state_shardings, adapter_sh, rep),
-                      donate_argnums=(0, 1))
-
-  def update(carry, traj, cond, adv, it):
-    state, old = carry
-    batch = {'x0': traj.latents[-1],
-             'r': rl_setup.put_batch(mesh, optimality(adv, spec.adv_clip)), 'cond': cond}
-    state, old, metrics = update_fn(state, old, setup.frozen, setup.zero_adapter, batch,
-                                    jnp.int32(it))
-    return (state, old), metrics
-
-  state = setup.init_state()
-  old = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=adapter_sh)(state.params)
-  # Samples come from the old policy θ_old (a soft copy of θ; equal to θ when old_decay = 0).
-  (state, _), history, metrics = rl_setup.run_iterations(
-      config, workdir, setup, prompts, name='nft', carry=(state, old),
-      sampler_params=lambda c: c[1], rng=jax.device_get(state.rng), update=update, start=start,
-      eval_params=lambda c: rl_setup.saved_params(c[0], config), probe=probe)
-  teacher_dir = rl_setup.save_teacher(os.path.join(workdir, 'teacher'), state, config, 'nft',
-                                      config.rollout.cfg_scale)
-  return {'teacher_dir': teacher_dir, 'wall_s': time.time() - start,
-          'steps': config.train.num_steps, 'metrics': metrics, 'reward_history': history}
+                      in_shardings=(setup.state_shardings, setup.frozen_shardings,
+                                    setup.state_shardings.params, batch_sh, rep),
+                      out_shardings=(setup.state_shardings, rep), donate_argnums=(0,))
+  return NFT(spec, setup, update_fn)

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opd_jax.sampling.guidance import Cond, VelocityFn, guided_velocity
+from opd_jax.sampling.guidance import Cond, VelocityFn
+from opd_jax.sampling.step import KernelSpec, sampler_step
 from opd_jax.sampling.transitions import gaussian_log_prob, get_kernel
-from opd_jax.sampling.schedule import NUM_TRAIN_TIMESTEPS
 
 
 class Trajectory(NamedTuple):
@@ -33,6 +33,15 @@ class Trajectory(NamedTuple):
   stds: jax.Array
   noise: jax.Array
   log_probs: jax.Array
+
+
+def sample_keys(rng: jax.Array, step: jax.Array, stream: jax.Array, batch: int) -> jax.Array:
+  """Per-sample keys [B, 2] from (step, stream, sample index): independent of the device count.
+
+  `stream` separates independent draws of one step (e.g. the tasks of an OPD round).
+  """
+  base = jax.random.fold_in(jax.random.fold_in(rng, step), stream)
+  return jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(batch))
 
 
 def sample_noise(keys: jax.Array, latent_shape: Sequence[int], num_steps: int):
@@ -66,19 +75,17 @@ def rollout(velocity_fn: VelocityFn, cond: Cond, uncond: Cond | None, keys: jax.
     logprob_reduction: 'mean' or 'sum' over latent elements.
     x_init: optional initial noise [B,H,W,C] replacing the key-derived one.
   """
-  step = get_kernel(kernel)
+  get_kernel(kernel)   # an unknown name fails here, before tracing
+  spec = KernelSpec(kernel, noise_level)
   num_steps = len(sigmas) - 1
   x0, eps = sample_noise(keys, latent_shape, num_steps)
   if x_init is not None:
     x0 = x_init.astype(jnp.float32)
   sig = jnp.asarray(sigmas, jnp.float32)
-  batch = x0.shape[0]
 
   def body(x, inputs):
     t, t_next, noise = inputs
-    timestep = jnp.full((batch,), t * NUM_TRAIN_TIMESTEPS, jnp.float32)
-    v = guided_velocity(velocity_fn, x, timestep, cond, uncond, cfg_scale)
-    tr = step(x, v, t, t_next, noise, noise_level=noise_level, sigma_1=sig[1])
+    tr = sampler_step(velocity_fn, x, t, t_next, sig[1], cond, uncond, cfg_scale, spec, noise)
     logp = gaussian_log_prob(tr.next, tr.mean, tr.std, logprob_reduction)
     return tr.next, (tr.next, tr.mean, tr.std, logp)
 

@@ -1,7 +1,10 @@
 """Metrics to `metrics.jsonl` and TensorBoard event files in the workdir (process 0 only).
 
 Array metrics are flattened to scalars with an index suffix (kl_per_task/composition, …) so
-both sinks hold the same named numbers.
+both sinks hold the same named numbers. One row per logged step: a run that starts at step s
+(0 for a fresh run, the checkpoint's step on resume) first drops every row after s — rows of
+steps that will be run again, or of an earlier run in a reused workdir — and TensorBoard purges
+its events after s the same way, so neither sink ever holds a step twice.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from typing import Mapping, Sequence
 
 import jax
 import numpy as np
+
+METRICS_FILE = 'metrics.jsonl'
 
 
 def flatten_metrics(metrics: Mapping, names: Mapping[str, Sequence[str]] | None = None) -> dict:
@@ -29,17 +34,37 @@ def flatten_metrics(metrics: Mapping, names: Mapping[str, Sequence[str]] | None 
   return out
 
 
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows of WORKDIR/metrics.jsonl (an empty list when there is none)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:   # a line cut short by a crash
+        continue
+  return rows
+
+
 class MetricWriter:
 
-  def __init__(self, workdir: str, enabled: bool | None = None):
+  def __init__(self, workdir: str, start_step: int = 0, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._jsonl = None
     self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      kept = [r for r in read_metrics(workdir) if int(r.get('step', 0)) <= start_step]
+      path = os.path.join(workdir, METRICS_FILE)
+      with open(path + '.tmp', 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in kept)
+      os.replace(path + '.tmp', path)
+      self._jsonl = open(path, 'a')
       from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes events
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=start_step + 1)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:

@@ -1,10 +1,11 @@
 """Evaluation during training, kept off the training clock (for reward-vs-wall-clock curves).
 
 A `Probe` is handed to a trainer (`train_opd`, `run_rl`); every `every` steps, and once at
-step 0 and at the last step, the trainer calls `probe.fn(params)` on the weights it would save
-(EMA weights where the stage saves EMA) and appends `{'step', 'train_seconds', **metrics}` to
-`probe.history`. `train_seconds` is wall-clock since the stage started minus the time spent in
-probes, so curves of different stages share one honest x-axis.
+step 0 and at the last step, the training loop calls `probe.fn(params)` on the weights the
+trainer would save (EMA weights where the stage saves EMA) and appends
+`{'step', 'train_seconds', **metrics}` to `probe.history`. `train_seconds` is wall-clock since
+the stage started minus the time spent in probes, so curves of different stages share one honest
+x-axis; a resumed run continues both the clock and the history from its checkpoint.
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ class Probe:
 
 
 class StageClock:
-  """Seconds of training since `start`, excluding the time spent in probes."""
+  """Seconds of training: `offset` (earlier sessions) + time since `start` − time in probes."""
 
-  def __init__(self, start: float | None = None):
+  def __init__(self, start: float | None = None, offset: float = 0.0):
     self.start = time.time() if start is None else start
+    self.offset = offset
     self.paused = 0.0
 
   def train_seconds(self) -> float:
-    return time.time() - self.start - self.paused
+    return self.offset + time.time() - self.start - self.paused
 
 
 def maybe_probe(probe: Probe | None, step: int, last_step: int, clock: StageClock,

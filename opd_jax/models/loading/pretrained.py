@@ -19,7 +19,7 @@ from flax import nnx
 
 from opd_jax.models.loading.place import Shardings, load_state, sharding_for
 from opd_jax.models.loading.safetensors_io import (CONFIG_NAME, CheckpointError,
-                                                   CheckpointReader, read_config)
+                                                   CheckpointReader, read_config, read_json)
 from opd_jax.models.lora import lora_init_a, split_model
 from opd_jax.models.mmdit import MMDiT, MMDiTConfig
 from opd_jax.models.peft_io import RECIPE_LORA_TARGETS
@@ -33,6 +33,21 @@ def resolve_folder(folder: str | os.PathLike, subfolder: str) -> str:
     if os.path.exists(os.path.join(candidate, CONFIG_NAME)):
       return candidate
   raise CheckpointError(f'no {CONFIG_NAME} in {folder} or {os.path.join(folder, subfolder)}')
+
+
+def scheduler_shift(model_dir: str | os.PathLike) -> float:
+  """The schedule shift of a pipeline folder's FlowMatchEulerDiscreteScheduler config.
+
+  `model_dir` is a diffusers pipeline folder (with scheduler/scheduler_config.json). Raises
+  CheckpointError for a missing file or a resolution-dependent (dynamic) shift, which these
+  samplers do not implement.
+  """
+  path = os.path.join(os.fspath(model_dir), 'scheduler', 'scheduler_config.json')
+  config = read_json(path)
+  if config.get('use_dynamic_shifting'):
+    raise CheckpointError(f'{path}: use_dynamic_shifting schedulers are not supported; set the '
+                          'shift explicitly')
+  return float(config.get('shift', 1.0))
 
 
 def init_lora_state(abstract: nnx.State, *, seed: int = 0, init: str = 'gaussian',

@@ -18,12 +18,14 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors' 
 import numpy as np
 from safetensors import safe_open
 
+from opd_jax.errors import InputError
+
 WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
 INDEX_NAME = WEIGHTS_NAME + '.index.json'
 CONFIG_NAME = 'config.json'
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
   """A checkpoint folder or file that cannot be read (missing, corrupt, inconsistent)."""
 
 

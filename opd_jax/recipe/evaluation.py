@@ -1,0 +1,29 @@
+"""Evaluation inside the recipe: the held-out evaluator on the recipe's base, and the probes
+that draw the reward-vs-wall-clock curves (used by the stages and by the report)."""
+
+from __future__ import annotations
+
+from opd_jax.eval.mini_world import Evaluator
+from opd_jax.mini_world import artifacts
+from opd_jax.recipe.stages import Recipe
+from opd_jax.train.probe import Probe
+
+
+def evaluator(recipe: Recipe, eval_cfg) -> Evaluator:
+  data = recipe.config.pretrain.data
+  return Evaluator(artifacts.load_base(recipe.artifact('pretrain')), eval_cfg, data.data_dir,
+                   data.dataset_config, mesh=recipe.mesh)
+
+
+def adapter_meta(lora_rank: int, lora_alpha: float, cfg_scale: float, **more) -> dict:
+  return {'lora_rank': lora_rank, 'lora_alpha': lora_alpha, 'cfg_scale': cfg_scale, **more}
+
+
+def curve_probe(recipe: Recipe, meta: dict) -> Probe:
+  """Held-out rewards of the model being trained, for the reward-vs-wall-clock plot."""
+  c = recipe.config.report
+  ev = evaluator(recipe, c.curve_eval)
+
+  def fn(params):
+    return ev(artifacts.Adapter(params, meta), cfg_scale=float(meta['cfg_scale']))
+  return Probe(c.curve_every, fn)
