@@ -65,7 +65,7 @@ def test_two_processes_agree_with_one_and_resume(tmp_path):
   _single(one, 4)
   _pair(two, 2)
   outs = _pair(two, 4)
-  assert 'resumed from round 2' in outs[0][1]
+  assert '[opd] resumed from step 2' in outs[0][1]
   ref, got = _metrics(one), _metrics(two)
   assert [r['step'] for r in got] == [1, 2, 3, 4]
   for key in ('loss', 'grad_norm'):

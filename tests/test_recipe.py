@@ -2,12 +2,13 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 from configs.opd import get_config
-from opd_jax.opd.config import ConfigError
+from opd_jax.errors import ConfigError
 from opd_jax.recipe import report
 from opd_jax.recipe.mini_world import mini_world_stages
 from opd_jax.recipe.stages import Recipe, expand_stages
@@ -137,5 +138,29 @@ def test_recipe_runs_end_to_end_then_caches_and_resumes(tmp_path):
   os.remove(tmp_path / 'opd' / 'stage.json')
   third = _main(tmp_path, '--config.opd.train.num_steps=2', '--config.stages=opd')
   assert third.returncode == 0, third.stderr[-3000:]
-  assert 'resumed from round 2' in third.stdout
+  assert '[opd] resumed from step 2' in third.stdout
   assert os.path.exists(tmp_path / 'opd' / 'stage.json')
+
+  # Stage records name their artifacts relative to the workdir: a copy runs on its own files,
+  # even with the original gone.
+  records = {s: json.load(open(tmp_path / s / 'stage.json')) for s in ('pretrain', 'opd')}
+  assert all(not os.path.isabs(r['artifact']) for r in records.values())
+  copy = tmp_path.parent / (tmp_path.name + '_copy')
+  shutil.copytree(tmp_path, copy)
+  shutil.rmtree(tmp_path)
+  cached = _main(copy, '--config.opd.train.num_steps=2', '--config.stages=teachers,opd')
+  assert cached.returncode == 0, cached.stderr[-3000:]
+  assert '[opd] cached' in cached.stdout and '[teacher_text] cached' in cached.stdout
+
+  # A missing or corrupt artifact re-runs its stage (here from the stage's final checkpoint);
+  # the re-made teacher is the same, so its dependents stay cached.
+  shutil.rmtree(copy / 'teacher_text' / 'teacher')
+  params = copy / 'teacher_composition' / 'teacher' / 'params'
+  victim = max((p for p in params.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  victim.write_bytes(victim.read_bytes()[:-7])
+  again = _main(copy, '--config.opd.train.num_steps=2', '--config.stages=teachers,opd')
+  assert again.returncode == 0, again.stderr[-3000:]
+  for stage in ('teacher_text', 'teacher_composition'):
+    assert f'[{stage}] its saved artifact is unusable' in again.stdout
+    assert f'[{stage}] running' in again.stdout
+  assert '[teacher_aesthetics] cached' in again.stdout and '[opd] cached' in again.stdout
