@@ -49,6 +49,27 @@ def test_missing_dependency_is_a_config_error(tmp_path):
     _recipe(c, tmp_path).run(['distill'])
 
 
+@pytest.mark.parametrize('field,value', [
+    ('cascade_rl.rollout.kernel', 'heun'),
+    ('teachers.text.data.group_size', 0),
+    ('opd.teachers.tasks.text.cfg_scale', -1.0),
+    ('pretrain.optimizer.lr', 0.0),
+    ('report.curve_every', 0),
+])
+def test_every_stage_is_validated_before_the_first_runs(tmp_path, field, value):
+  """A bad field of a late stage stops the recipe at once, named from the recipe's root."""
+  from opd_jax.recipe.mini_world import run_mini_world
+  c = get_config('smoke')
+  *parents, leaf = field.split('.')
+  node = c
+  for name in parents:
+    node = node[name]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match='config\\.' + field.replace('.', '\\.')):
+    run_mini_world(c, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
 def _evals(scores):
   return {name: {**{t: v for t, v in zip(TASKS, s)}, **{f'reward/{t}': v for t, v in
                                                         zip(TASKS, s)}}
