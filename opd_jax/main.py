@@ -31,15 +31,37 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
 
 
+def _flag_error(e: Exception, argv: list[str]) -> str:
+  """One line naming the --config file or override that failed."""
+  config = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '?')
+  text = str(e).strip()
+  if isinstance(e, (AttributeError, KeyError)):   # an override of a field the config lacks
+    key = text.strip('"\'')
+    for arg in argv:
+      name = arg.split('=', 1)[0]
+      if name.startswith('--config.') and key in name.split('.'):
+        return f'{name}: no field {key!r} in {config}'
+  embedded = 'Error whilst parsing config file' in text   # ml_collections appends a traceback
+  if isinstance(e, flags.Error) and not embedded:
+    return one_line(text)                                 # absl's message names the flag
+  if embedded or isinstance(e, OSError):
+    text = text.splitlines()[-1].strip()                  # the exception line itself
+  else:
+    text = f'{type(e).__name__}: {text}'
+  return one_line(f'--config={config}: {text}')
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with one-line errors (a bad flag, override or config file: exit 2)."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    if _CONFIG.value is not None:
+      _CONFIG.value.get   # ml_collections defers a config file's IOError to the first access
+    return rest
   except Exception as e:   # flags.Error, or whatever a config file raised while loading
     if show_tracebacks('--traceback' in argv):
       raise
-    what = '' if isinstance(e, flags.Error) else f'{type(e).__name__}: '
-    print(f'error: {one_line(what + str(e))}', file=sys.stderr, flush=True)
+    print(f'error: {_flag_error(e, argv)}', file=sys.stderr, flush=True)
     sys.exit(2)
 
 

@@ -27,11 +27,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from typing import Any
 
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
+
+from opd_jax.errors import InputError
 
 # On-disk names, shared with the writer (opd_jax.tools.encode_prompts).
 METADATA_FILENAME = 'metadata.json'
@@ -45,6 +48,27 @@ NAME_PATTERN = re.compile(r'^[A-Za-z0-9_]+$')
 EMBEDDING_KEYS = ('prompt_embeds', 'pooled_prompt_embeds')
 
 
+class CacheError(InputError):
+  """A prompt-embedding cache that is missing, incomplete or corrupt."""
+
+
+class NotACacheError(CacheError, FileNotFoundError):
+  """`out_dir` holds no metadata.json (a FileNotFoundError too, as callers catch that)."""
+
+
+class CacheEntryError(CacheError, KeyError):
+  """The cache lacks the task or split asked for (a KeyError too, as callers catch that)."""
+  __str__ = CacheError.__str__   # KeyError would print the message quoted
+
+
+def _read_json(path: str) -> Any:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CacheError(f'{path}: unreadable ({e}); write the cache again') from None
+
+
 def task_dataset_dir(out_dir: str | os.PathLike, task: str) -> str:
   """Returns the TFDS dataset directory holding one task's splits."""
   return os.path.join(os.fspath(out_dir), task, DATASET_NAME, DATASET_VERSION)
@@ -54,14 +78,17 @@ def load_metadata(out_dir: str | os.PathLike) -> dict[str, Any]:
   """Returns the cache's metadata.json as a dict.
 
   Raises:
-    FileNotFoundError: if `out_dir` is not a prompt-embedding cache.
+    NotACacheError (a FileNotFoundError): if `out_dir` is not a prompt-embedding cache.
+    CacheError: if its metadata.json is unreadable or not a cache's.
   """
   path = os.path.join(os.fspath(out_dir), METADATA_FILENAME)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: {out_dir} is not a prompt-embedding cache '
-                            '(write one with python -m opd_jax.tools.encode_prompts)')
-  with open(path) as f:
-    return json.load(f)
+    raise NotACacheError(f'{path} not found: {out_dir} is not a prompt-embedding cache '
+                         '(write one with python -m opd_jax.tools.encode_prompts)')
+  metadata = _read_json(path)
+  if not isinstance(metadata, dict) or not isinstance(metadata.get('tasks'), dict):
+    raise CacheError(f'{path}: not the metadata of a prompt-embedding cache (no "tasks" object)')
+  return metadata
 
 
 def load_prompt_embeddings(out_dir: str | os.PathLike, task: str, split: str = 'train'):
@@ -77,16 +104,23 @@ def load_prompt_embeddings(out_dir: str | os.PathLike, task: str, split: str = '
     split: split name (the writer's default is `train`).
 
   Raises:
-    KeyError: if the cache has no such task or split.
+    CacheEntryError (a KeyError): if the cache has no such task or split.
+    CacheError: if the task's dataset is missing or unreadable.
   """
   tasks = load_metadata(out_dir)['tasks']
   if task not in tasks:
-    raise KeyError(f'task {task!r} not in {out_dir}; available: {sorted(tasks)}')
-  if split not in tasks[task]['splits']:
-    raise KeyError(f'task {task!r} has no split {split!r}; available: '
-                   f'{sorted(tasks[task]["splits"])}')
-  builder = tfds.builder_from_directory(task_dataset_dir(out_dir, task))
-  return builder.as_data_source(split)
+    raise CacheEntryError(f'task {task!r} not in {out_dir}; available: {sorted(tasks)}')
+  splits = tasks[task].get('splits', {}) if isinstance(tasks[task], dict) else {}
+  if split not in splits:
+    raise CacheEntryError(f'task {task!r} of {out_dir} has no split {split!r}; available: '
+                          f'{sorted(splits)}')
+  directory = task_dataset_dir(out_dir, task)
+  try:
+    builder = tfds.builder_from_directory(directory)
+    return builder.as_data_source(split)
+  except Exception as e:   # TFDS raises many types for a missing or half-written dataset
+    raise CacheError(f'{directory}: unreadable ({type(e).__name__}: {e}); write the cache '
+                     'again') from None
 
 
 def load_negative(out_dir: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -96,8 +130,17 @@ def load_negative(out_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     `{'prompt_embeds': float32 [L, D], 'pooled_prompt_embeds': float32 [P]}`.
   """
   path = os.path.join(os.fspath(out_dir), NEGATIVE_FILENAME)
-  with np.load(path) as data:
-    return {k: np.asarray(data[k], np.float32) for k in EMBEDDING_KEYS}
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      missing = [k for k in EMBEDDING_KEYS if k not in data]
+      if missing:
+        raise CacheError(f'{path}: lacks {", ".join(missing)}; write the cache again')
+      return {k: np.asarray(data[k], np.float32) for k in EMBEDDING_KEYS}
+  except CacheError:
+    raise
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:   # missing, or corrupt
+    raise CacheError(f'{path}: unreadable ({type(e).__name__}: {e}); write the cache '
+                     'again') from None
 
 
 def make_batch_iterator(out_dir: str | os.PathLike,
@@ -143,14 +186,15 @@ def make_batch_iterator(out_dir: str | os.PathLike,
       at SD3.5's L = 205, D = 4096), so keep this small.
 
   Raises:
-    ValueError: on an invalid shard or a shard with no prompts.
+    ValueError: on an invalid shard; CacheError (a ValueError too): a shard with no prompts.
   """
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}')
   ds = grain.MapDataset.source(load_prompt_embeddings(out_dir, task, split))
   ds = ds[shard_index::shard_count]
   if len(ds) == 0:  # pylint: disable=g-explicit-length-test
-    raise ValueError(f'shard {shard_index}/{shard_count} of {task}/{split} has no prompts')
+    raise CacheError(f'shard {shard_index}/{shard_count} of {task}/{split} in {out_dir} has no '
+                     'prompts')
   if shuffle:
     ds = ds.shuffle(seed=seed)
   # repeat() after shuffle(): the index keeps growing past the shard length, and the shuffle

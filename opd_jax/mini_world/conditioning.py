@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from opd_jax.errors import ConfigError, InputError
+from opd_jax.mini_world import lexicon
 from opd_jax.mini_world import tfds_builder
 from opd_jax.mini_world import tokenizer
 from opd_jax.mini_world.text_encoder import encode_tokens
@@ -74,10 +76,19 @@ def load_prompt_set(data_dir: str, task: str, split: str, text_graphdef: Any, te
     text_graphdef, text_params: the frozen text encoder.
     dataset_config: TFDS builder config name.
     limit: keep only the first `limit` prompts (a small fixed prompt set for tests / quick runs).
+
+  Raises:
+    ConfigError: an unknown task or a limit below 1; InputError: a split without prompts.
   """
+  if task not in lexicon.TASKS:
+    raise ConfigError(f'task {task!r} is not one of {list(lexicon.TASKS)}')
+  if limit is not None and limit < 1:
+    raise ConfigError(f'prompt limit must be >= 1 (or None: all), got {limit}')
   prompts = split_prompts(data_dir, f'{task}_{split}', dataset_config)
   if limit is not None:
     prompts = prompts[:limit]
+  if not prompts:
+    raise InputError(f'{data_dir}: the mini_world split {task}_{split} has no prompts')
   return PromptSet(task, prompts, encode_prompts(text_graphdef, text_params, prompts))
 
 

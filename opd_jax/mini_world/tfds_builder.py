@@ -30,6 +30,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from opd_jax.errors import ConfigError, InputError
 from opd_jax.mini_world import grammar
 from opd_jax.mini_world import lexicon
 from opd_jax.mini_world import render
@@ -134,7 +135,21 @@ def load_split(data_dir: str, split: str,
   Returns:
     A sequence of example dicts (image uint8 [S, S, 3], tokens int32 [L], prompt bytes,
     task int, corrupted int).
+
+  Raises:
+    ConfigError: an unknown config name or split; InputError: a `data_dir` where the dataset
+      cannot be built or read (a file, no permission).
   """
-  builder = MiniWorld(config=config, data_dir=data_dir, file_format='array_record')
-  builder.download_and_prepare()  # a no-op when the dataset already exists
+  names = [c.name for c in MiniWorld.BUILDER_CONFIGS]
+  if isinstance(config, str) and config not in names:
+    raise ConfigError(f'unknown mini_world dataset_config {config!r}; expected one of {names}')
+  splits = SPLIT_NAMES + (PRETRAIN_SPLIT,)
+  if split.split('[')[0] not in splits:   # TFDS slicing: 'pretrain[:10%]'
+    raise ConfigError(f'mini_world split {split!r} is not one of {list(splits)}')
+  try:
+    builder = MiniWorld(config=config, data_dir=data_dir, file_format='array_record')
+    builder.download_and_prepare()  # a no-op when the dataset already exists
+  except OSError as e:
+    raise InputError(f'{data_dir}: cannot build or read the mini_world dataset there '
+                     f'({type(e).__name__}: {e})') from None
   return builder.as_data_source(split)

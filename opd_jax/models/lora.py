@@ -106,7 +106,7 @@ def fold_adapter(a: jax.Array, b: jax.Array, alpha: float, rank: int,
   """
   if rank > target_rank:
     raise ValueError(f'adapter rank {rank} exceeds the model LoRA rank {target_rank}; '
-                     'raise model.lora_rank')
+                     'raise config.lora.rank')
   b = b * ((alpha / rank) / target_scale)
   pad = target_rank - rank
   a = jnp.pad(a, ((0, 0), (0, pad)))

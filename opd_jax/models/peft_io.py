@@ -146,7 +146,15 @@ def read_peft_adapter(path: str | os.PathLike, *, prefix: str = 'transformer',
     if config is None:
       raw = reader.metadata().get(DIFFUSERS_METADATA_KEY)
       if raw is not None:
-        config = {_strip(k, prefix + '.'): v for k, v in json.loads(raw).items()}
+        try:
+          stored_config = json.loads(raw)
+        except json.JSONDecodeError as e:
+          raise AdapterError(f'{weights}: header metadata {DIFFUSERS_METADATA_KEY!r} is not '
+                             f'valid JSON ({e})') from None
+        if not isinstance(stored_config, dict):
+          raise AdapterError(f'{weights}: header metadata {DIFFUSERS_METADATA_KEY!r} is not a '
+                             'JSON object')
+        config = {_strip(k, prefix + '.'): v for k, v in stored_config.items()}
     stored = {_strip(k, PEFT_PREFIX): k for k in reader.keys()}
     if any(k.startswith(prefix + '.') for k in stored):
       # Pipeline format: keep this component's tensors (e.g. skip text-encoder LoRAs).
@@ -161,7 +169,11 @@ def read_peft_adapter(path: str | os.PathLike, *, prefix: str = 'transformer',
         names.add(match['adapter'])
         if adapter_name is not None and match['adapter'] != adapter_name:
           continue
-      (a if match['ab'] == 'A' else b)[match['module']] = np.asarray(reader.read(key))
+      tensor = np.asarray(reader.read(key))
+      if tensor.ndim != 2:
+        raise AdapterError(f'{key!r} in {weights} has shape {list(tensor.shape)}; LoRA A/B '
+                           'weights are matrices')
+      (a if match['ab'] == 'A' else b)[match['module']] = tensor
   if len(names) > 1 and adapter_name is None:
     raise AdapterError(f'{weights} holds adapters {sorted(names)}; pass adapter_name')
   if set(a) != set(b):
@@ -180,8 +192,13 @@ def read_peft_adapter(path: str | os.PathLike, *, prefix: str = 'transformer',
   scale = {}
   for module, a_m in a.items():
     rank = a_m.shape[0]
-    alpha = _pattern_value(config.get('alpha_pattern') or {}, module,
-                           config.get('lora_alpha', rank))
+    try:
+      alpha = _pattern_value(config.get('alpha_pattern') or {}, module,
+                             config.get('lora_alpha', rank))
+    except (re.error, AttributeError) as e:   # a bad regex, or alpha_pattern not an object
+      raise AdapterError(f'{weights}: unusable alpha_pattern in the LoRA config ({e})') from None
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+      raise AdapterError(f'{weights}: lora_alpha of {module} is {alpha!r}, not a number')
     scale[module] = alpha / math.sqrt(rank) if config.get('use_rslora') else alpha / rank
   return PeftAdapter(a, b, scale, config)
 
@@ -220,7 +237,7 @@ def adapter_from_peft(peft: PeftAdapter, model: nnx.Module, *, strict: bool = Tr
                          f'{slot.out_features} layer')
     if rank > slot.rank:
       raise AdapterError(f'{name}: adapter rank {rank} exceeds the model LoRA rank {slot.rank}; '
-                         'build the model with a larger lora_rank')
+                         'raise config.lora.rank')
     # fold_adapter takes (alpha, rank) and uses alpha/rank: pass the file's scale that way.
     a, b = fold_adapter(a, b, peft.scale[name] * rank, rank, slot.rank, slot.scale)
     values[slot.path + ('lora_a',)], values[slot.path + ('lora_b',)] = a, b

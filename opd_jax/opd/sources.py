@@ -50,6 +50,8 @@ class OPDInputs:
 def _require_dir(path: str, field: str, what: str) -> str:
   if not path:
     raise ConfigError(f'config.{field}: no path given; set it to {what}')
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f'config.{field}: {path!r} is a file, not a directory (expected {what})')
   if not os.path.isdir(path):
     raise ConfigError(f'config.{field}: {path!r} does not exist (expected {what})')
   return path
@@ -77,7 +79,8 @@ def _mini_world_base(config, mesh=None) -> Base:
 
 def _diffusers_base(config, mesh=None) -> Base:
   """An SD3/SD3.5 transformer from a diffusers folder, loaded torch-free onto the mesh."""
-  from opd_jax.models.loading.pretrained import load_mmdit, resolve_folder, scheduler_shift
+  from opd_jax.models.loading.pretrained import (load_mmdit, mmdit_config, resolve_folder,
+                                                 scheduler_shift)
   from opd_jax.models.loading.safetensors_io import read_config
   from opd_jax.models.lora import split_model
   from opd_jax.models.registry import DTYPES, build_model
@@ -88,6 +91,7 @@ def _diffusers_base(config, mesh=None) -> Base:
     raise ConfigError(f"config.model.name: base.source 'diffusers' loads an SD3 transformer; "
                       f"set model.name to 'sd3' (got {config.model.name!r})")
   folder = resolve_folder(path, 'transformer')
+  mmdit_config(folder)   # validates config.json: a bad one is an error naming the file
   transformer = read_config(folder)
   if config.rollout.shift == 0:   # the training schedule's shift, as the checkpoint ships it
     given_transformer = os.path.normpath(folder) == os.path.normpath(path)

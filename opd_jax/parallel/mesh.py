@@ -23,7 +23,10 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, 
   unknown = [a for a in shape if a not in AXES]
   if unknown:
     raise ConfigError(f'config.mesh.shape: unknown axes {unknown}; allowed axes are {AXES}')
-  sizes = {a: int(shape.get(a, 1)) for a in AXES}
+  try:
+    sizes = {a: int(shape.get(a, 1)) for a in AXES}
+  except (TypeError, ValueError):
+    raise ConfigError(f'config.mesh.shape: sizes must be integers, got {dict(shape)}') from None
   free = [a for a, s in sizes.items() if s == -1]
   if len(free) > 1:
     raise ConfigError(f'config.mesh.shape: at most one axis may be -1, got {free}')

@@ -59,6 +59,10 @@ class PretrainData:
                seed: int):
     try:
       source = tfds_builder.load_split(data_dir, tfds_builder.PRETRAIN_SPLIT, dataset_config)
+    except ConfigError as e:
+      raise ConfigError(f'config.data.dataset_config: {e}') from None
+    except InputError as e:
+      raise InputError(f'config.data.data_dir: {e}') from None
     except Exception as e:   # TFDS raises many types for a corrupt or half-written dataset
       raise InputError(f'config.data.data_dir: the mini_world dataset in {data_dir} is '
                        f'unreadable ({type(e).__name__}: {e}); delete it to rebuild') from None

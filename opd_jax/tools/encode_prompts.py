@@ -31,6 +31,12 @@ hold one prompt per line (blank lines skipped); files ending in `.jsonl` hold on
 line with a `prompt` field (GenEval's metadata format; the whole record is kept). Output is
 written to a temporary sibling of `--out_dir` and renamed into place only when everything
 succeeded, so a failed run leaves no partial cache.
+
+Bad input — a missing, empty or malformed prompt file, a malformed `--prompts` entry, a model
+folder that is not an SD3 pipeline, an existing `--out_dir` — ends with one `error: …` line naming
+the flag or path and exit status 1 (2 for a bad or missing flag); `--traceback` shows the
+traceback. Prompt files and flags are checked before torch and the encoders are loaded, so such
+mistakes cost a second, not a model load.
 """
 
 from __future__ import annotations
@@ -41,25 +47,37 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
-import torch
 import tqdm
-import transformers
 
 from opd_jax.data import prompt_embeddings as pe_format
+from opd_jax.errors import ConfigError, InputError, one_line, report_errors, show_tracebacks
+
+# torch and transformers (seconds to import) are imported where the encoders are loaded or run,
+# so a bad prompt file or flag is reported without waiting for them.
+if TYPE_CHECKING:
+  import torch
 
 NEGATIVE_PROMPT = ''  # SD3's CFG unconditional branch (spec §2: negative prompt "").
 DEFAULT_SPLIT = 'train'
 
 
-class PromptSetError(ValueError):
+class PromptSetError(InputError):
   """A prompt file or `--prompts` entry that cannot be used (missing, empty, malformed)."""
+
+
+class OutDirExistsError(InputError, FileExistsError):
+  """`--out_dir` exists and `--overwrite` was not given."""
+
+
+class ModelFolderError(InputError, FileNotFoundError):
+  """`--model_dir` is not a loadable diffusers SD3 folder (a FileNotFoundError too, as before)."""
 
 
 # --------------------------------------------------------------------------- prompt files
@@ -88,22 +106,26 @@ def read_prompt_file(path: str | os.PathLike) -> list[PromptRecord]:
     raise PromptSetError(f'{path}: unknown prompt file type {ext!r} (expected .txt or .jsonl)')
   if not os.path.isfile(path):
     raise PromptSetError(f'{path}: prompt file not found')
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = f.readlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise PromptSetError(f'{path}: unreadable ({e})') from None
   records = []
-  with open(path, encoding='utf-8') as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      if ext == '.txt':
-        records.append(PromptRecord(line.strip(), '{}'))
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise PromptSetError(f'{path}:{line_no}: invalid JSON ({e.msg})') from None
-      prompt = record.get('prompt') if isinstance(record, dict) else None
-      if not isinstance(prompt, str) or not prompt.strip():
-        raise PromptSetError(f'{path}:{line_no}: record has no non-empty string "prompt" field')
-      records.append(PromptRecord(prompt, json.dumps(record, ensure_ascii=False)))
+  for line_no, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    if ext == '.txt':
+      records.append(PromptRecord(line.strip(), '{}'))
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise PromptSetError(f'{path}:{line_no}: invalid JSON ({e.msg})') from None
+    prompt = record.get('prompt') if isinstance(record, dict) else None
+    if not isinstance(prompt, str) or not prompt.strip():
+      raise PromptSetError(f'{path}:{line_no}: record has no non-empty string "prompt" field')
+    records.append(PromptRecord(prompt, json.dumps(record, ensure_ascii=False)))
   if not records:
     raise PromptSetError(f'{path}: no prompts (the file is empty or has only blank lines)')
   return records
@@ -179,34 +201,50 @@ def load_text_encoders(model_dir: str | os.PathLike) -> SD3TextEncoders:
   `text_encoder_3/` gets the zero T5 block, sized from `transformer/config.json`.
 
   Raises:
-    FileNotFoundError: a required subfolder is missing.
+    ModelFolderError (a FileNotFoundError): the folder or a required subfolder is missing, or a
+      component does not load.
   """
   model_dir = os.fspath(model_dir)
   sub = lambda name: os.path.join(model_dir, name)
+  if not os.path.isdir(model_dir):
+    raise ModelFolderError(f'{model_dir}: not found (expected a diffusers SD3/SD3.5 folder)')
   for name in ('tokenizer', 'text_encoder', 'tokenizer_2', 'text_encoder_2'):
     if not os.path.isdir(sub(name)):
-      raise FileNotFoundError(f'{model_dir} is not an SD3 model folder: no {name}/')
+      raise ModelFolderError(f'{model_dir} is not an SD3 model folder: no {name}/')
   has_t5 = os.path.isdir(sub('text_encoder_3'))
   if has_t5 != os.path.isdir(sub('tokenizer_3')):
-    raise FileNotFoundError(f'{model_dir}: text_encoder_3/ and tokenizer_3/ must come together')
-  kwargs = dict(local_files_only=True)
-  clip = lambda name: transformers.CLIPTextModelWithProjection.from_pretrained(
-      sub(name), dtype=torch.float32, **kwargs).eval()
+    raise ModelFolderError(f'{model_dir}: text_encoder_3/ and tokenizer_3/ must come together')
+  import torch
+  import transformers
+
+  def load(cls, name: str, model: bool = False):
+    """`cls.from_pretrained(model_dir/name)`; a model in float32 eval mode."""
+    kwargs = dict(dtype=torch.float32) if model else {}
+    try:
+      component = cls.from_pretrained(sub(name), local_files_only=True, **kwargs)
+    except (OSError, ValueError) as e:   # what transformers raises for missing/corrupt files
+      raise ModelFolderError(f'{sub(name)}: cannot load {cls.__name__} '
+                             f'({type(e).__name__}: {e})') from None
+    return component.eval() if model else component
+
+  clip = lambda name: load(transformers.CLIPTextModelWithProjection, name, model=True)
   encoders = SD3TextEncoders(
-      tokenizer=transformers.CLIPTokenizer.from_pretrained(sub('tokenizer'), **kwargs),
+      tokenizer=load(transformers.CLIPTokenizer, 'tokenizer'),
       text_encoder=clip('text_encoder'),
-      tokenizer_2=transformers.CLIPTokenizer.from_pretrained(sub('tokenizer_2'), **kwargs),
+      tokenizer_2=load(transformers.CLIPTokenizer, 'tokenizer_2'),
       text_encoder_2=clip('text_encoder_2'))
   if has_t5:
-    encoders.tokenizer_3 = transformers.T5TokenizerFast.from_pretrained(sub('tokenizer_3'),
-                                                                        **kwargs)
-    encoders.text_encoder_3 = transformers.T5EncoderModel.from_pretrained(
-        sub('text_encoder_3'), dtype=torch.float32, **kwargs).eval()
+    encoders.tokenizer_3 = load(transformers.T5TokenizerFast, 'tokenizer_3')
+    encoders.text_encoder_3 = load(transformers.T5EncoderModel, 'text_encoder_3', model=True)
   else:
     transformer_config = sub(os.path.join('transformer', 'config.json'))
     if os.path.exists(transformer_config):
-      with open(transformer_config) as f:
-        encoders.joint_attention_dim = json.load(f)['joint_attention_dim']
+      try:
+        with open(transformer_config) as f:
+          encoders.joint_attention_dim = int(json.load(f)['joint_attention_dim'])
+      except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelFolderError(f'{transformer_config}: no usable joint_attention_dim '
+                               f'({type(e).__name__}: {e})') from None
   return encoders
 
 
@@ -235,35 +273,38 @@ def _token_ids(tokenizer, prompts: list[str], max_length: int, what: str) -> tor
   return ids
 
 
-@torch.inference_mode()
 def _encode_batch(enc: SD3TextEncoders, prompts: list[str],
                   max_sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
-  clip_length = enc.tokenizer.model_max_length  # diffusers uses CLIP-L's length for both CLIPs.
-  clip_embeds, pooled = [], []
-  for tokenizer, encoder, what in ((enc.tokenizer, enc.text_encoder, 'CLIP-L'),
-                                   (enc.tokenizer_2, enc.text_encoder_2, 'CLIP-G')):
-    ids = _token_ids(tokenizer, prompts, clip_length, what)
-    out = encoder(ids.to(encoder.device), output_hidden_states=True)
-    clip_embeds.append(out.hidden_states[-2])  # penultimate layer: SD3's clip_skip=None.
-    pooled.append(out.text_embeds)
-  clip_embeds = torch.cat(clip_embeds, dim=-1)
-  if enc.text_encoder_3 is not None:
-    ids = _token_ids(enc.tokenizer_3, prompts, max_sequence_length, 'T5')
-    t5_embeds = enc.text_encoder_3(ids.to(enc.text_encoder_3.device))[0]
-  else:
-    if enc.joint_attention_dim is None:
-      raise ValueError('no T5 encoder and no joint_attention_dim to size its zero block')
-    t5_embeds = clip_embeds.new_zeros(
-        (len(prompts), max_sequence_length, enc.joint_attention_dim))
-  width = t5_embeds.shape[-1]
-  if clip_embeds.shape[-1] > width:
-    # diffusers' F.pad with a negative pad would silently crop CLIP features; refuse instead.
-    raise ValueError(f'CLIP width {clip_embeds.shape[-1]} exceeds T5 width {width}')
-  clip_embeds = torch.nn.functional.pad(clip_embeds, (0, width - clip_embeds.shape[-1]))
-  prompt_embeds = torch.cat([clip_embeds, t5_embeds.to(clip_embeds.dtype)], dim=-2)
-  pooled = torch.cat(pooled, dim=-1)
-  return (prompt_embeds.to(torch.float32).cpu().numpy(),
-          pooled.to(torch.float32).cpu().numpy())
+  import torch
+  with torch.inference_mode():
+    clip_length = enc.tokenizer.model_max_length  # diffusers uses CLIP-L's length for both CLIPs.
+    clip_embeds, pooled = [], []
+    for tokenizer, encoder, what in ((enc.tokenizer, enc.text_encoder, 'CLIP-L'),
+                                     (enc.tokenizer_2, enc.text_encoder_2, 'CLIP-G')):
+      ids = _token_ids(tokenizer, prompts, clip_length, what)
+      out = encoder(ids.to(encoder.device), output_hidden_states=True)
+      clip_embeds.append(out.hidden_states[-2])  # penultimate layer: SD3's clip_skip=None.
+      pooled.append(out.text_embeds)
+    clip_embeds = torch.cat(clip_embeds, dim=-1)
+    if enc.text_encoder_3 is not None:
+      ids = _token_ids(enc.tokenizer_3, prompts, max_sequence_length, 'T5')
+      t5_embeds = enc.text_encoder_3(ids.to(enc.text_encoder_3.device))[0]
+    else:
+      if enc.joint_attention_dim is None:
+        raise ModelFolderError('the model has no T5 encoder (text_encoder_3/) and no '
+                               'transformer/config.json joint_attention_dim to size its zero block')
+      t5_embeds = clip_embeds.new_zeros(
+          (len(prompts), max_sequence_length, enc.joint_attention_dim))
+    width = t5_embeds.shape[-1]
+    if clip_embeds.shape[-1] > width:
+      # diffusers' F.pad with a negative pad would silently crop CLIP features; refuse instead.
+      raise ModelFolderError(f'CLIP width {clip_embeds.shape[-1]} exceeds T5 width {width}: the '
+                             'text encoders do not belong to one SD3 model')
+    clip_embeds = torch.nn.functional.pad(clip_embeds, (0, width - clip_embeds.shape[-1]))
+    prompt_embeds = torch.cat([clip_embeds, t5_embeds.to(clip_embeds.dtype)], dim=-2)
+    pooled = torch.cat(pooled, dim=-1)
+    return (prompt_embeds.to(torch.float32).cpu().numpy(),
+            pooled.to(torch.float32).cpu().numpy())
 
 
 def _iter_encoded(enc: SD3TextEncoders, prompts: Sequence[str], max_sequence_length: int,
@@ -387,11 +428,17 @@ def write_prompt_embeddings(encoders: Any,
 
   Raises:
     PromptSetError: a prompt file is unusable.
-    FileExistsError: `out_dir` exists and `overwrite` is False.
+    OutDirExistsError (a FileExistsError): `out_dir` exists and `overwrite` is False.
+    ModelFolderError: `encoders` is a path that is not a loadable SD3 folder.
+    InputError: `out_dir` cannot be written.
+    ConfigError: `max_sequence_length` or `batch_size` below 1.
   """
   out_dir = os.path.abspath(os.fspath(out_dir))
   if os.path.exists(out_dir) and not overwrite:
-    raise FileExistsError(f'{out_dir} already exists (pass --overwrite to replace it)')
+    raise OutDirExistsError(f'{out_dir} already exists (pass --overwrite to replace it)')
+  for name, value in (('max_sequence_length', max_sequence_length), ('batch_size', batch_size)):
+    if not isinstance(value, int) or value < 1:
+      raise ConfigError(f'--{name}: must be an int >= 1, got {value!r}')
   if not prompt_files:
     raise PromptSetError('no prompt files given')
   records = {task: {split: read_prompt_file(path) for split, path in splits.items()}
@@ -419,9 +466,12 @@ def write_prompt_embeddings(encoders: Any,
   }
 
   parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  # Same parent directory, so the final rename is atomic on one filesystem.
-  staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.tmp-', dir=parent)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    # Same parent directory, so the final rename is atomic on one filesystem.
+    staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.tmp-', dir=parent)
+  except OSError as e:
+    raise InputError(f'{out_dir}: cannot write the cache there ({e})') from None
   try:
     np.savez(os.path.join(staging, pe_format.NEGATIVE_FILENAME),
              prompt_embeds=negative_embeds[0], pooled_prompt_embeds=negative_pooled[0])
@@ -465,21 +515,31 @@ _MAX_SEQUENCE_LENGTH = flags.DEFINE_integer('max_sequence_length', 128,
                                             'T5 tokens (the DiffusionOPD recipe uses 128).')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Prompts per encoder call.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing --out_dir.')
+_TRACEBACK = flags.DEFINE_bool('traceback', False, 'Show tracebacks of user errors too.')
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with a one-line error (a bad, unknown or missing flag: exit status 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    if show_tracebacks('--traceback' in argv):
+      raise
+    print(f'error: {one_line(str(e))}', file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  # The encoding loop has its own per-split tqdm bar; TFDS's bars would just repeat it.
-  tfds.disable_progress_bar()
-  try:
+  with report_errors(_TRACEBACK.value):
+    if len(argv) > 1:
+      raise ConfigError(f'unexpected arguments {argv[1:]}; every input is a --flag')
+    # The encoding loop has its own per-split tqdm bar; TFDS's bars would just repeat it.
+    tfds.disable_progress_bar()
     prompt_files = parse_prompt_specs(_PROMPTS.value)
     metadata = write_prompt_embeddings(
         _MODEL_DIR.value, prompt_files, _OUT_DIR.value,
         max_sequence_length=_MAX_SEQUENCE_LENGTH.value, batch_size=_BATCH_SIZE.value,
         overwrite=_OVERWRITE.value)
-  except (PromptSetError, FileExistsError, FileNotFoundError) as e:
-    sys.exit(f'encode_prompts: error: {e}')
   counts = {f'{t}/{s}': v['count'] for t, d in metadata['tasks'].items()
             for s, v in d['splits'].items()}
   logging.info('wrote %s to %s (prompt_embeds %s)', counts, _OUT_DIR.value,
@@ -488,4 +548,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['model_dir', 'prompts', 'out_dir'])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -89,6 +89,8 @@ class Checkpointer:
     """Raises CheckpointError when the saved arrays' shapes are not the ones this run needs."""
     metadata = self._manager.item_metadata(step)['state']
     tree = getattr(metadata, 'tree', metadata)
+    if not jax.tree.leaves(tree):   # _METADATA missing or unreadable: corruption, not a model
+      raise ValueError('the state has no array metadata (state/_METADATA missing?)')
     saved = Counter((tuple(m.shape), str(m.dtype)) for m in jax.tree.leaves(tree))
     wanted = Counter((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(abstract_state))
     if saved != wanted:
@@ -125,7 +127,8 @@ class Checkpointer:
       except CheckpointError:
         raise
       except Exception as e:   # Orbax raises many types for unreadable data
-        message = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+        first = str(e).splitlines()[0] if str(e) else ''
+        message = f'{type(e).__name__}: {first[:200]}{"…" if len(first) > 200 else ""}'
         _warn(f'checkpoint {self.directory}/{step} is corrupt or incomplete ({message}); '
               'deleting it and trying the previous one')
         self._manager.delete(step)

@@ -50,6 +50,19 @@ def scheduler_shift(model_dir: str | os.PathLike) -> float:
   return float(config.get('shift', 1.0))
 
 
+def _model_config(cls, folder: str):
+  """`cls.from_dict` of `folder`'s config.json, validated; a config this code cannot build is a
+  CheckpointError naming the file (not a ValueError from deep inside the model)."""
+  try:
+    config = cls.from_dict(read_config(folder))
+    config.validate()
+  except (TypeError, ValueError) as e:
+    if isinstance(e, CheckpointError):
+      raise
+    raise CheckpointError(f'{os.path.join(folder, CONFIG_NAME)}: {e}') from None
+  return config
+
+
 def init_lora_state(abstract: nnx.State, *, seed: int = 0, init: str = 'gaussian',
                     shardings: Shardings = None) -> nnx.State:
   """Fresh adapter values for abstract LoRA slots: A as `lora_init_a`, B = 0 (a no-op delta)."""
@@ -77,7 +90,12 @@ def _assemble(abstract_model: nnx.Module, reader: CheckpointReader, *, renames, 
 
 def mmdit_config(folder: str | os.PathLike) -> MMDiTConfig:
   """The MMDiTConfig of a diffusers transformer (or pipeline) folder."""
-  return MMDiTConfig.from_dict(read_config(resolve_folder(folder, 'transformer')))
+  return _model_config(MMDiTConfig, resolve_folder(folder, 'transformer'))
+
+
+def vae_config(folder: str | os.PathLike) -> VAEConfig:
+  """The VAEConfig of a diffusers VAE (or pipeline) folder."""
+  return _model_config(VAEConfig, resolve_folder(folder, 'vae'))
 
 
 def abstract_mmdit(config: MMDiTConfig, **kwargs) -> MMDiT:
@@ -107,7 +125,7 @@ def load_mmdit(folder: str | os.PathLike, *, lora_rank: int = 0, lora_alpha: flo
       from the architecture in config.json.
   """
   folder = resolve_folder(folder, 'transformer')
-  config = MMDiTConfig.from_dict(read_config(folder))
+  config = _model_config(MMDiTConfig, folder)
   abstract = abstract_mmdit(config, lora_rank=lora_rank, lora_alpha=lora_alpha,
                             lora_init=lora_init, lora_targets=lora_targets, dtype=dtype,
                             param_dtype=param_dtype, remat=remat, remat_policy=remat_policy,
@@ -121,7 +139,7 @@ def load_vae(folder: str | os.PathLike, *, dtype: Any = jnp.float32,
              param_dtype: Any = jnp.float32, shardings: Shardings = None) -> AutoencoderKL:
   """Loads an `AutoencoderKL` checkpoint (the SD3 VAE) into our NHWC `AutoencoderKL`."""
   folder = resolve_folder(folder, 'vae')
-  config = VAEConfig.from_dict(read_config(folder))
+  config = vae_config(folder)
   abstract = nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0), dtype=dtype,
                                                   param_dtype=param_dtype))
   with CheckpointReader.from_folder(folder) as reader:

@@ -36,9 +36,14 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     raise CheckpointError(f'{path} not found')
   try:
     with open(path) as f:
-      return json.load(f)
+      value = json.load(f)
   except json.JSONDecodeError as e:
     raise CheckpointError(f'{path} is not valid JSON ({e})') from e
+  except (OSError, UnicodeDecodeError) as e:   # a directory, no permission, binary bytes
+    raise CheckpointError(f'{path}: unreadable ({e})') from e
+  if not isinstance(value, dict):
+    raise CheckpointError(f'{path}: expected a JSON object, got {type(value).__name__}')
+  return value
 
 
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
