@@ -6,8 +6,9 @@ each leaf's bits, viewed as uint32 words, are summed with odd position weights m
     F(x) = Σ_i (2i + 1) · bits(x_i)  mod 2³²,
 
 so any single flipped bit changes the digest (an odd weight times 2^b is never 0 mod 2³²) and so
-does swapping two elements. It runs as one jitted reduction over the global arrays, so it works
-the same on one device and on a multi-host mesh and costs no host transfer of the state.
+does swapping two elements. A leaf this process holds whole is digested on the host (numpy,
+no compile); a leaf sharded over several processes is digested on device by a jitted reduction
+over the global array, with the same formula, so a digest does not depend on the layout.
 Checkpoints store it next to the state and compare it after a restore.
 
 `directory_fingerprint` digests a directory's files (relative path, size and SHA-256 of the
@@ -46,16 +47,33 @@ def _leaf_digest(x: jax.Array) -> jax.Array:
   return jnp.sum(words * (position * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
 
 
-@jax.jit
-def _digests(tree: Any) -> Any:
-  return jax.tree.map(_leaf_digest, tree)
+_device_digest = jax.jit(_leaf_digest)
+_NP_WORD = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+
+
+def _host_digest(x: np.ndarray) -> int:
+  """`_leaf_digest` in numpy (uint32 arithmetic wraps modulo 2³² as on device)."""
+  x = np.ascontiguousarray(x)
+  if x.dtype == np.bool_:
+    x = x.astype(np.uint8)
+  if x.dtype.itemsize == 8:
+    words = x.view(np.uint32).reshape(-1)   # little-endian: low word first, as bitcast does
+  else:
+    words = x.view(_NP_WORD[x.dtype.itemsize]).astype(np.uint32).reshape(-1)
+  weights = np.arange(words.size, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+  return int(np.sum(words * weights, dtype=np.uint32))
+
+
+def _digest(x: Any) -> int:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return int(jax.device_get(_device_digest(x)))
+  return _host_digest(np.asarray(jax.device_get(x)))
 
 
 def tree_fingerprint(tree: Any) -> dict[str, int]:
   """{'/'-joined leaf path: uint32 digest} of every array leaf of `tree`."""
-  digests = jax.device_get(_digests(tree))
-  flat, _ = jax.tree_util.tree_flatten_with_path(digests)
-  return {jax.tree_util.keystr(path): int(d) for path, d in flat}
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(path): _digest(x) for path, x in flat}
 
 
 def compare_fingerprints(saved: dict[str, int], restored: dict[str, int]) -> list[str]:

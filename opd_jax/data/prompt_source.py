@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from opd_jax.fingerprint import numpy_digest
+
 
 def epoch_order(seed: int, task: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, task, epoch]).permutation(n)
@@ -63,12 +65,10 @@ class TablePrompts:
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
   def fingerprint(self) -> str:
-    """Digest of the tables' sizes and their first and last rows (cheap at any size)."""
-    from opd_jax.fingerprint import numpy_digest
-    ends = [{k: (np.asarray(v)[:1], np.asarray(v)[-1:], np.asarray(v).shape)
-             for k, v in sorted(t.items())} for t in self.tables]
-    return numpy_digest([[(a, b) for a, b, _ in e.values()] for e in ends]) + str(
-        [[shape for _, _, shape in e.values()] for e in ends])
+    """Digest of every table's shapes and its first and last rows (cheap at any size)."""
+    ends = [[(np.asarray(v)[:1], np.asarray(v)[-1:], np.asarray(np.shape(v)))
+             for _, v in sorted(t.items())] for t in self.tables]
+    return numpy_digest(ends)
 
   def get_position(self) -> dict:
     return {'position': self.position}
