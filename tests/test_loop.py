@@ -16,9 +16,9 @@ What a user relies on when a job dies, diverges or is restarted with other flags
 In-process tests use tests/opd_testing.tiny_config on one device and share one uninterrupted
 4-step run (checkpoints at 2 and 4). A run "killed after step 2" is a copy of its workdir without
 step 4: exactly what a crash after saving step 2 leaves, stale metrics rows included. Compiled
-programs persist on disk for this module (`_persistent_compilation_cache`; the CLI children get
-their own cache), so reruns — which build their jitted functions anew, as a restarted process
-does — load them instead of compiling again.
+programs persist on disk for this module (conftest.py `persistent_compilation_cache`; the CLI
+children get their own cache), so reruns — which build their jitted functions anew, as a
+restarted process does — load them instead of compiling again.
 """
 
 import json
@@ -46,19 +46,7 @@ from opd_jax.train.metric_writer import read_metrics
 STEPS, CUT = 4, 2     # the shared run: 4 steps, checkpoints at 2 and 4
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _persistent_compilation_cache(tmp_path_factory):
-  """Caches compiled programs on disk for this module's tests, then restores jax's settings."""
-  from jax.experimental.compilation_cache import compilation_cache
-  saved = (jax.config.jax_compilation_cache_dir,
-           jax.config.jax_persistent_cache_min_compile_time_secs)
-  compilation_cache.reset_cache()   # a cache opened earlier would ignore the new directory
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  yield
-  compilation_cache.reset_cache()
-  jax.config.update('jax_compilation_cache_dir', saved[0])
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', saved[1])
+pytestmark = pytest.mark.usefixtures('persistent_compilation_cache')
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ anew. Resuming must not change a single bit: the final checkpoint (parameters, o
 EMA, step counter, RNG key and trainer state such as DiffusionNFT's θ_old), the saved artifact
 and every logged metric equal the uninterrupted run's.
 
-Compiled programs persist on disk for this module (`_persistent_compilation_cache`), so the
-resumed run loads what the uninterrupted run compiled instead of compiling it again.
+Compiled programs persist on disk for this module (conftest.py `persistent_compilation_cache`),
+so the resumed run loads what the uninterrupted run compiled instead of compiling it again.
 """
 
 import os
@@ -31,19 +31,7 @@ import mini_testing
 STEPS, CUT = 4, 2
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _persistent_compilation_cache(tmp_path_factory):
-  """Caches compiled programs on disk for this module's tests, then restores jax's settings."""
-  from jax.experimental.compilation_cache import compilation_cache
-  saved = (jax.config.jax_compilation_cache_dir,
-           jax.config.jax_persistent_cache_min_compile_time_secs)
-  compilation_cache.reset_cache()   # a cache opened earlier would ignore the new directory
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  yield
-  compilation_cache.reset_cache()
-  jax.config.update('jax_compilation_cache_dir', saved[0])
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', saved[1])
+pytestmark = pytest.mark.usefixtures('persistent_compilation_cache')
 
 
 def _grpo(workdir):
