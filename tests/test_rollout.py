@@ -81,10 +81,13 @@ def test_recomputed_means_equal_recorded_means(kernel, a):
   for j in range(len(SIGMAS) - 1):
     mean, std = kernel_mean(_velocity, traj.latents[j], sig[j], sig[j + 1], sig[1], cond, uncond,
                             4.5, spec)
-    np.testing.assert_allclose(mean, traj.means[j], atol=1e-5)
+    # Eager vs scanned-under-jit float32: XLA fuses differently per CPU, so means agree to a few
+    # ulps of their size (|μ| ≈ 10 → ~1e-5); log p amplifies a mean difference δ by ε·δ/σ̄, so
+    # it gets 1e-3. A wrong state, step or kernel differs by O(1) in both.
+    np.testing.assert_allclose(mean, traj.means[j], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(std, traj.stds[j], rtol=1e-6)
     logp = gaussian_log_prob(traj.latents[j + 1], mean, std)
-    np.testing.assert_allclose(logp, traj.log_probs[j], atol=1e-4)
+    np.testing.assert_allclose(logp, traj.log_probs[j], atol=1e-3)
     np.testing.assert_allclose(traj.latents[j + 1], traj.means[j] + traj.stds[j] *
                                traj.noise[j], atol=1e-5)
 
