@@ -11,9 +11,11 @@ no compile); a leaf sharded over several processes is digested on device by a ji
 over the global array, with the same formula, so a digest does not depend on the layout.
 Checkpoints store it next to the state and compare it after a restore.
 
-`directory_fingerprint` digests a directory's files (relative path, size and SHA-256 of the
-content), for artifacts handed from one stage to the next and for the inputs of a run (teachers,
-bases) whose identity is compared on resume.
+`directory_manifest` lists a directory's files (relative path, size and SHA-256), which a saved
+artifact is verified against; `directory_fingerprint` digests it, for inputs whose files are
+written deterministically (PEFT safetensors) and compared on resume. Orbax-written artifacts are
+compared by content instead (`mini_world.artifacts.content_fingerprint`, on `numpy_digest`):
+their file names and time stamps change from one save of the same weights to the next.
 """
 
 from __future__ import annotations

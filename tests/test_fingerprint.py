@@ -52,3 +52,20 @@ def test_tree_fingerprint_names_the_leaves_that_differ():
   diff = fingerprint.compare_fingerprints(fingerprint.tree_fingerprint(tree),
                                           fingerprint.tree_fingerprint(changed))
   assert diff == ["['b']['c']"]
+
+
+def test_artifact_fingerprint_is_its_content_not_its_file_bytes(tmp_path):
+  """The same adapter saved twice has other Orbax file bytes (random data-file names, time
+  stamps) but one fingerprint; another value or meta gives another."""
+  import json
+  from opd_jax.mini_world import artifacts
+  params = {'blocks': {0: {'lora_a': np.arange(6.0, dtype=np.float32).reshape(2, 3)}}}
+  meta = {'lora_rank': 2, 'lora_alpha': 2.0, 'cfg_scale': 1.0, 'tasks': ['text']}
+  a = artifacts.save_adapter(str(tmp_path / 'a'), params, meta)
+  b = artifacts.save_adapter(str(tmp_path / 'b'), params, meta)
+  assert json.load(open(f'{a}/manifest.json')) != json.load(open(f'{b}/manifest.json'))
+  assert artifacts.fingerprint(a) == artifacts.fingerprint(b)
+  other = {'blocks': {0: {'lora_a': params['blocks'][0]['lora_a'] + np.float32(1e-6)}}}
+  c = artifacts.save_adapter(str(tmp_path / 'c'), other, meta)
+  d = artifacts.save_adapter(str(tmp_path / 'd'), params, dict(meta, cfg_scale=2.0))
+  assert len({artifacts.fingerprint(x) for x in (a, c, d)}) == 3

@@ -12,7 +12,8 @@ a JSON description (`meta.json`) that says how to rebuild the network around the
 
 Every artifact ends with `manifest.json` (size and SHA-256 of each file, written last): loading
 verifies it, so a truncated, edited or half-copied artifact is an `InputError` naming the file,
-never weights that silently differ; `fingerprint` digests it, for comparing inputs on resume.
+never weights that silently differ. `fingerprint` digests the content (meta and parameter
+values, not file bytes), for comparing inputs on resume.
 Loaded teachers are plain pytrees of arrays: `opd.setup.build_opd(..., base_params=base.dit,
 teachers=[load_adapter(p).params for p in paths])` stacks them as frozen teachers.
 """
@@ -20,6 +21,7 @@ teachers=[load_adapter(p).params for p in paths])` stacks them as frozen teacher
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any
@@ -30,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from opd_jax.errors import InputError
-from opd_jax.fingerprint import directory_manifest
+from opd_jax.fingerprint import directory_manifest, numpy_digest
 
 PARAMS_DIR = 'params'
 META_FILE = 'meta.json'
@@ -76,11 +78,23 @@ def verify(directory: str) -> None:
                      'made it')
 
 
+def content_fingerprint(params: Any, meta: dict) -> str:
+  """SHA-256 of an artifact's content: its meta and its parameters' tree, dtypes, shapes, values.
+
+  Not of its files: Orbax names data files at random and stamps its metadata with times, so the
+  same weights saved twice (a stage re-made from its final checkpoint) differ byte for byte but
+  must compare equal when a resumed run checks its inputs.
+  """
+  h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+  h.update(str(jax.tree.structure(params)).encode())
+  h.update(numpy_digest(params).encode())
+  return h.hexdigest()
+
+
 def fingerprint(directory: str) -> str:
-  """The digest of an artifact's manifest (equal iff its files hold the same bytes)."""
-  import hashlib
-  with open(os.path.join(os.path.abspath(directory), MANIFEST_FILE), 'rb') as f:
-    return hashlib.sha256(f.read()).hexdigest()
+  """`content_fingerprint` of the (verified) artifact at `directory`."""
+  params, meta = _load(directory)
+  return content_fingerprint(params, meta)
 
 
 def _load(directory: str) -> tuple[Any, dict]:
@@ -129,6 +143,10 @@ class BaseModel:
   @property
   def latent_config(self) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(self.meta['latent'])
+
+  @property
+  def fingerprint(self) -> str:
+    return content_fingerprint({'dit': self.dit, 'text_encoder': self.text_encoder}, self.meta)
 
 
 def save_base(directory: str, dit: Any, text_encoder: Any, meta: dict) -> str:

@@ -74,7 +74,7 @@ def _mini_world_base(config, mesh=None) -> Base:
     if key not in ('dtype',):
       config.model[key] = value
   nets = build_networks(base.model_config, base.text_encoder_config, seed=0)
-  return Base(base.dit, (nets.text_graphdef, base.text_encoder), artifacts.fingerprint(path))
+  return Base(base.dit, (nets.text_graphdef, base.text_encoder), base.fingerprint)
 
 
 def _diffusers_base(config, mesh=None) -> Base:

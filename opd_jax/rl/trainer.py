@@ -94,7 +94,8 @@ def _load_base(config, base) -> tuple[artifacts.BaseModel, str]:
   if not os.path.isdir(path):
     raise ConfigError(f'config.base.path: {path!r} is not a directory (expected a pretrained '
                       'mini-world base, WORKDIR/pretrain/base of the recipe)')
-  return artifacts.load_base(path), artifacts.fingerprint(path)
+  base = artifacts.load_base(path)
+  return base, base.fingerprint
 
 
 def prepare(config: ml_collections.ConfigDict, base=None, mesh=None) -> RLTrainer:
