@@ -1,33 +1,32 @@
-"""Test setup: 8 fake CPU devices so sharding tests run on one host.
+"""Test setup: 8 fake CPU devices, and one persistent compilation cache for the whole session.
 
 XLA reads XLA_FLAGS once, when jax first initialises its backend, so this must run before any
 test module imports jax.
+
+Compiled programs persist on disk for the session (JAX_COMPILATION_CACHE_DIR, a fresh temporary
+directory unless set): a test that reruns a trainer — a resume, which builds its jitted functions
+anew as a restarted process does — loads what the first run compiled, and so do the command-line
+children (tests/cli_testing.child_env copies this environment) and the pytest-xdist workers, which
+inherit it from the controller that imported this file first. The cache holds XLA executables
+keyed by the program, the devices and the compile options, so a hit is the same program.
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-import pytest  # noqa: E402  (after XLA_FLAGS)
+_OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
+if _OWN_CACHE:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='opd_jax_test_xla_cache_')
+# Programs compiling in under a fifth of a second are cheaper to compile than to cache.
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 
 
-@pytest.fixture(scope='module')
-def persistent_compilation_cache(tmp_path_factory):
-  """Caches compiled programs on disk for one test module, then restores jax's settings.
-
-  Tests that rerun a trainer in the same process (a resume) build their jitted functions anew,
-  as a restarted process does; with the cache they load what the first run compiled.
-  """
-  import jax
-  from jax.experimental.compilation_cache import compilation_cache
-  saved = (jax.config.jax_compilation_cache_dir,
-           jax.config.jax_persistent_cache_min_compile_time_secs)
-  compilation_cache.reset_cache()   # a cache opened earlier would ignore the new directory
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  yield
-  compilation_cache.reset_cache()
-  jax.config.update('jax_compilation_cache_dir', saved[0])
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', saved[1])
+def pytest_unconfigure(config):
+  """The controller (not an xdist worker) removes the cache directory it made."""
+  if _OWN_CACHE and not hasattr(config, 'workerinput'):
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)

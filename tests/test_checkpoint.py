@@ -1,14 +1,15 @@
-"""Orbax checkpoints: exact resume, restore onto another mesh, clear errors."""
+"""Orbax checkpoints: restore onto another mesh, retention, an empty directory.
+
+Exact resume, NaN states never saved, damaged and unusable checkpoints: tests/test_loop.py.
+"""
 
 import os
 
 import jax
 import numpy as np
-import pytest
 
 from opd_testing import mesh_of, tiny_config
-from opd_jax.errors import NonFiniteError
-from opd_jax.train.checkpoint import CheckpointError, Checkpointer
+from opd_jax.train.checkpoint import Checkpointer
 from opd_jax.opd.trainer import train_opd
 
 
@@ -19,16 +20,6 @@ def _config(rounds, **kw):
 def _same(a, b, atol=0.0):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
-
-
-def test_resume_continues_exactly_as_uninterrupted(tmp_path):
-  full, _ = train_opd(_config(4), str(tmp_path / 'a'), mesh=mesh_of(2))
-  train_opd(_config(2), str(tmp_path / 'b'), mesh=mesh_of(2))
-  resumed, _ = train_opd(_config(4), str(tmp_path / 'b'), mesh=mesh_of(2))
-  assert int(resumed.step) == 4
-  _same(full, resumed)   # params, optimizer moments, EMA, step and RNG bit for bit
-  lines = open(tmp_path / 'b' / 'metrics.jsonl').read().splitlines()
-  assert [int(l.split(',')[0].split(':')[1]) for l in lines] == [1, 2, 3, 4]
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
@@ -49,23 +40,5 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
   assert steps == [4, 6]
 
 
-def test_unusable_checkpoints_fail_clearly(tmp_path):
-  train_opd(_config(2), str(tmp_path), mesh=mesh_of(1))
-  state_dir = tmp_path / 'checkpoints' / '2' / 'state'
-  for root, _, files in os.walk(state_dir):
-    for f in files:
-      with open(os.path.join(root, f), 'wb') as fh:
-        fh.write(b'garbage')
-  with pytest.raises(CheckpointError, match='every checkpoint'):
-    train_opd(_config(4), str(tmp_path), mesh=mesh_of(1))
-
-
 def test_restore_without_checkpoint_is_none(tmp_path):
   assert Checkpointer(str(tmp_path / 'empty')).restore(None) is None
-
-
-def test_nan_loss_stops_without_saving(tmp_path):
-  config = _config(2, **{'teachers.random_scale': float('inf')})
-  with pytest.raises(NonFiniteError, match='loss is nan'):
-    train_opd(config, str(tmp_path), mesh=mesh_of(1))
-  assert not [d for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit()]

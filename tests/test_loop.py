@@ -16,9 +16,9 @@ What a user relies on when a job dies, diverges or is restarted with other flags
 In-process tests use tests/opd_testing.tiny_config on one device and share one uninterrupted
 4-step run (checkpoints at 2 and 4). A run "killed after step 2" is a copy of its workdir without
 step 4: exactly what a crash after saving step 2 leaves, stale metrics rows included. Compiled
-programs persist on disk for this module (conftest.py `persistent_compilation_cache`; the CLI
-children get their own cache), so reruns — which build their jitted functions anew, as a
-restarted process does — load them instead of compiling again.
+programs persist on disk for the session (conftest.py; the CLI children share the cache), so
+reruns — which build their jitted functions anew, as a restarted process does — load them
+instead of compiling again.
 """
 
 import json
@@ -44,9 +44,6 @@ from opd_jax.train.checkpoint import CheckpointError, Checkpointer
 from opd_jax.train.metric_writer import read_metrics
 
 STEPS, CUT = 4, 2     # the shared run: 4 steps, checkpoints at 2 and 4
-
-
-pytestmark = pytest.mark.usefixtures('persistent_compilation_cache')
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -326,10 +323,9 @@ CLI_ARGS = (f'--config.train.num_steps={CLI_STEPS}',
 
 
 @pytest.fixture(scope='module')
-def cli_env(tmp_path_factory):
-  """One device, like a user's run; the children share a persistent compilation cache."""
-  return dict(child_env(1), JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('cli_cache')),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+def cli_env():
+  """One device, like a user's run (the children share the session's compilation cache)."""
+  return child_env(1)
 
 
 def _cli(env, workdir, *args):
@@ -400,6 +396,8 @@ def test_sigterm_and_sigint_save_and_exit_and_the_rerun_equals_an_uninterrupted_
                         _saved_state(workdir, CLI_STEPS))
   rows, full = read_metrics(workdir), read_metrics(cli_uninterrupted)
   assert [r['step'] for r in rows] == list(range(1, CLI_STEPS + 1))
+  assert all(r['loss'] >= 0 for r in full) and 'kl_per_task/text' in full[0]
+  assert os.listdir(cli_uninterrupted / 'tensorboard') and os.listdir(workdir / 'tensorboard')
   strip = lambda r: {k: v for k, v in r.items() if k != 'train_seconds'}
   assert [strip(r) for r in rows] == [strip(r) for r in full]
   seconds = [r['train_seconds'] for r in rows]

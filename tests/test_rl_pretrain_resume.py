@@ -8,8 +8,8 @@ anew. Resuming must not change a single bit: the final checkpoint (parameters, o
 EMA, step counter, RNG key and trainer state such as DiffusionNFT's θ_old), the saved artifact
 and every logged metric equal the uninterrupted run's.
 
-Compiled programs persist on disk for this module (conftest.py `persistent_compilation_cache`),
-so the resumed run loads what the uninterrupted run compiled instead of compiling it again.
+Compiled programs persist on disk for the session (conftest.py), so the resumed run loads what
+the uninterrupted run compiled instead of compiling it again.
 """
 
 import os
@@ -29,9 +29,6 @@ from opd_jax.train.metric_writer import read_metrics
 import mini_testing
 
 STEPS, CUT = 4, 2
-
-
-pytestmark = pytest.mark.usefixtures('persistent_compilation_cache')
 
 
 def _grpo(workdir):
