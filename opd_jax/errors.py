@@ -54,6 +54,21 @@ def one_line(message: str) -> str:
   return text if len(text) <= _MAX_CHARS else text[:_MAX_CHARS - 1] + '…'
 
 
+def parse_absl_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with a one-line error (a bad, unknown or missing flag: exit status 2).
+
+  The `flags_parser` of the command-line tools whose flags are plain absl flags.
+  """
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    if show_tracebacks('--traceback' in argv):
+      raise
+    print(f'error: {one_line(str(e))}', file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def show_tracebacks(flag: bool = False) -> bool:
   return flag or os.environ.get(TRACEBACK_ENV, '') not in ('', '0', 'false', 'False')
 

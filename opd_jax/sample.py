@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import zipfile
 from typing import Any, Callable, Sequence
 
@@ -35,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from opd_jax.errors import ConfigError, InputError, one_line, report_errors, show_tracebacks
+from opd_jax.errors import ConfigError, InputError, parse_absl_flags, report_errors
 from opd_jax.models.loading.pretrained import (load_mmdit, load_vae, mmdit_config,
                                                scheduler_shift, vae_config)
 from opd_jax.models.mmdit import MMDiT, MMDiTConfig
@@ -278,18 +277,6 @@ def generate(model_dir: str | os.PathLike, embeddings: str | os.PathLike,
   return paths
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with a one-line error (a bad, unknown or missing flag: exit status 2)."""
-  from absl import flags
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    if show_tracebacks('--traceback' in argv):
-      raise
-    print(f'error: {one_line(str(e))}', file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def main(argv: Sequence[str]) -> None:
   with report_errors(_TRACEBACK.value):
     if len(argv) > 1:
@@ -323,4 +310,4 @@ if __name__ == '__main__':
   _TRACEBACK = flags.DEFINE_bool('traceback', False, 'Show tracebacks of user errors too.')
   for name in ('model_dir', 'embeddings', 'out_dir'):
     flags.mark_flag_as_required(name)
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=parse_absl_flags)

@@ -1,7 +1,8 @@
 """Runs `python -m opd_jax.main` in a subprocess for the CLI tests.
 
 The child sees `devices` forced host devices (the parent's conftest sets 8 for in-process
-tests) and, like a user, the repository root as its working directory.
+tests; the other XLA flags and the compilation cache carry over) and, like a user, the
+repository root as its working directory.
 """
 
 import os
@@ -17,8 +18,11 @@ def main_command(config: str, workdir, *args: str) -> list[str]:
 
 
 def child_env(devices: int = 1) -> dict:
-  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-              JAX_PLATFORMS='cpu')
+  """This environment (conftest.py's XLA flags and compilation cache) with `devices` devices."""
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  flags.append(f'--xla_force_host_platform_device_count={devices}')
+  return dict(os.environ, XLA_FLAGS=' '.join(flags), JAX_PLATFORMS='cpu')
 
 
 def run_main(config: str, workdir, *args: str, devices: int = 1,

@@ -38,7 +38,7 @@ from opd_jax.models.policy import Policy
 from opd_jax.objectives.per_step_kl import gaussian_kl
 from opd_jax.parallel import sharding as shd
 from opd_jax.rl import sampler
-from opd_jax.rl.setup import RLSetup, put_batch
+from opd_jax.rl.setup import RLSetup, jit_update, put_batch
 from opd_jax.sampling.step import KernelSpec, transition_mean
 from opd_jax.sampling.transitions import gaussian_log_prob
 from opd_jax.train.state import EMARule, TrainState
@@ -216,14 +216,10 @@ def build(config, setup: RLSetup, cond_example: dict) -> GRPO:
   """The jitted, sharded Flow-GRPO update for `setup` (state donated)."""
   spec = grpo_spec(config, setup.sigmas)
   mesh = setup.mesh
-  rep = shd.replicated(mesh)
   nd = len(setup.latent_shape)
   batch_sh = {'latents': shd.batch_sharding(mesh, nd + 2, 1),
               'log_probs': shd.batch_sharding(mesh, 2, 1),
               'advantages': shd.batch_sharding(mesh, 1),
               'cond': jax.tree.map(lambda x: shd.batch_sharding(mesh, np.ndim(x)), cond_example)}
-  update_fn = jax.jit(make_grpo_update(spec, setup.policy, setup.tx),
-                      in_shardings=(setup.state_shardings, setup.frozen_shardings,
-                                    setup.state_shardings.params, batch_sh, rep),
-                      out_shardings=(setup.state_shardings, rep), donate_argnums=(0,))
-  return GRPO(spec, setup, update_fn)
+  return GRPO(spec, setup, jit_update(setup, make_grpo_update(spec, setup.policy, setup.tx),
+                                      batch_sh))

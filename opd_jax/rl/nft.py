@@ -35,7 +35,7 @@ import optax
 from opd_jax.errors import ConfigError
 from opd_jax.models.policy import Policy
 from opd_jax.parallel import sharding as shd
-from opd_jax.rl.setup import RLSetup, put_batch
+from opd_jax.rl.setup import RLSetup, jit_update, put_batch
 from opd_jax.sampling.schedule import NUM_TRAIN_TIMESTEPS
 from opd_jax.train.state import EMARule, TrainState
 
@@ -170,12 +170,8 @@ def build(config, setup: RLSetup, cond_example: dict) -> NFT:
   """The jitted, sharded DiffusionNFT update for `setup` (state donated)."""
   spec = nft_spec(config)
   mesh = setup.mesh
-  rep = shd.replicated(mesh)
   batch_sh = {'x0': shd.batch_sharding(mesh, len(setup.latent_shape) + 1),
               'r': shd.batch_sharding(mesh, 1),
               'cond': jax.tree.map(lambda x: shd.batch_sharding(mesh, np.ndim(x)), cond_example)}
-  update_fn = jax.jit(make_nft_update(spec, setup.policy, setup.tx),
-                      in_shardings=(setup.state_shardings, setup.frozen_shardings,
-                                    setup.state_shardings.params, batch_sh, rep),
-                      out_shardings=(setup.state_shardings, rep), donate_argnums=(0,))
-  return NFT(spec, setup, update_fn)
+  return NFT(spec, setup, jit_update(setup, make_nft_update(spec, setup.policy, setup.tx),
+                                     batch_sh))

@@ -77,6 +77,15 @@ def build_rl(config, mesh: Mesh, base: artifacts.BaseModel, *, extra_init=None) 
                  base.latent_config.unshuffle, mesh)
 
 
+def jit_update(setup: RLSetup, update, batch_shardings: Any):
+  """`update(state, frozen, ref_adapter, batch, iteration)` jitted on the setup's mesh: the state
+  keeps its shardings and is donated; the batch is split over the data axis as given."""
+  rep = shd.replicated(setup.mesh)
+  return jax.jit(update, in_shardings=(setup.state_shardings, setup.frozen_shardings,
+                                       setup.state_shardings.params, batch_shardings, rep),
+                 out_shardings=(setup.state_shardings, rep), donate_argnums=(0,))
+
+
 def put_batch(mesh: Mesh, tree: Any, batch_axis: int = 0) -> Any:
   """Host arrays → global device arrays split over the mesh's batch axes."""
   def put(x):

@@ -45,7 +45,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import tempfile
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
@@ -57,7 +56,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from opd_jax.data import prompt_embeddings as pe_format
-from opd_jax.errors import ConfigError, InputError, one_line, report_errors, show_tracebacks
+from opd_jax.errors import ConfigError, InputError, parse_absl_flags, report_errors
 
 # torch and transformers (seconds to import) are imported where the encoders are loaded or run,
 # so a bad prompt file or flag is reported without waiting for them.
@@ -518,17 +517,6 @@ _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing --out_di
 _TRACEBACK = flags.DEFINE_bool('traceback', False, 'Show tracebacks of user errors too.')
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with a one-line error (a bad, unknown or missing flag: exit status 2)."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    if show_tracebacks('--traceback' in argv):
-      raise
-    print(f'error: {one_line(str(e))}', file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def main(argv: Sequence[str]) -> None:
   with report_errors(_TRACEBACK.value):
     if len(argv) > 1:
@@ -548,4 +536,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['model_dir', 'prompts', 'out_dir'])
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=parse_absl_flags)
