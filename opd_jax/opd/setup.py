@@ -112,10 +112,6 @@ def build_opd(config, mesh: Mesh, negative: dict, *, base_params: dict | None = 
                       f'{num_teachers} declared')
   index = teacher_index(tuple(config.data.tasks), teacher_tasks)
 
-  base_sh = shd.state_shardings(base_state, mesh)
-  lora_sh = shd.state_shardings(lora_state, mesh)
-  teacher_state = lora_state if config.teachers.kind == 'lora' else base_state
-  rep = shd.replicated(mesh)
   frozen = {
       'base': base,
       'teachers': stack_adapters(teachers),
@@ -123,32 +119,49 @@ def build_opd(config, mesh: Mesh, negative: dict, *, base_params: dict | None = 
                                  jnp.float32),
       'negative': jax.tree.map(jnp.asarray, negative),
   }
-  frozen_sh = {
-      'base': base_sh,
+  frozen_sh = frozen_shardings(config, mesh, base_state, lora_state, negative)
+  frozen = jax.device_put(frozen, frozen_sh)
+
+  if config.student.kind == 'lora':
+    student, student_sh = nnx.to_pure_dict(lora_state), shd.state_shardings(lora_state, mesh)
+  else:
+    student, student_sh = base, frozen_sh['base']
+  spec = round_spec(config, policy)
+  tx, init_state, state_sh, abstract_state, round_fn = jit_round(
+      config, spec, mesh, student, student_sh, frozen_sh, negative)
+  return OPDSetup(spec, tx, frozen, frozen_sh, state_sh, init_state, abstract_state, round_fn,
+                  mesh, teacher_tasks, index)
+
+
+def frozen_shardings(config, mesh: Mesh, base_state: nnx.State, lora_state: nnx.State,
+                     negative: dict) -> dict:
+  """Shardings of the frozen pytree: base and stacked teachers by their logical axes (the
+  teacher-slot axis replicated), CFG scales and the empty-prompt embedding replicated."""
+  rep = shd.replicated(mesh)
+  teacher_state = lora_state if config.teachers.kind == 'lora' else base_state
+  return {
+      'base': shd.state_shardings(base_state, mesh),
       'teachers': shd.state_shardings(teacher_state, mesh, leading=1),
       'teacher_cfg': rep,
       'negative': jax.tree.map(lambda _: rep, negative),
   }
-  frozen = jax.device_put(frozen, frozen_sh)
 
-  if config.student.kind == 'lora':
-    student_init, student_sh = nnx.to_pure_dict(lora_state), lora_sh
-  else:
-    student_init, student_sh = base, base_sh
+
+def jit_round(config, spec: RoundSpec, mesh: Mesh, student: Any, student_shardings: Any,
+              frozen_sh: dict, negative: dict):
+  """Optimizer, train-state factory, state shardings, abstract state and the jitted round
+  (state donated). `student` may be arrays or ShapeDtypeStructs (then only the abstract state
+  and the round, e.g. to compile ahead of time, are of use)."""
+  rep = shd.replicated(mesh)
   tx = make_optimizer(config.optimizer, config.train.num_steps)
-  init_state, state_sh, abstract_state = sharded_train_state(student_init, student_sh, tx,
+  init_state, state_sh, abstract_state = sharded_train_state(student, student_shardings, tx,
                                                              config.seed, rep)
-
-  spec = round_spec(config, policy)
   batch_sh = {'cond': jax.tree.map(lambda x: shd.batch_sharding(mesh, np.ndim(x) + 1, 1),
                                    negative),
               'teacher': rep}
-  metrics_sh = rep
-  round_fn = jax.jit(make_round_fn(spec, tx),
-                     in_shardings=(state_sh, frozen_sh, batch_sh),
-                     out_shardings=(state_sh, metrics_sh), donate_argnums=(0,))
-  return OPDSetup(spec, tx, frozen, frozen_sh, state_sh, init_state, abstract_state, round_fn,
-                  mesh, teacher_tasks, index)
+  round_fn = jax.jit(make_round_fn(spec, tx), in_shardings=(state_sh, frozen_sh, batch_sh),
+                     out_shardings=(state_sh, rep), donate_argnums=(0,))
+  return tx, init_state, state_sh, abstract_state, round_fn
 
 
 def device_batch(mesh: Mesh, cond: dict, teacher: np.ndarray) -> dict:

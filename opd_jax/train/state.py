@@ -125,7 +125,8 @@ def sharded_train_state(params: Any, param_shardings: Any, tx: optax.GradientTra
   state shardings, abstract state with shardings — the restore target).
   """
   make = lambda: create_train_state(params, tx, seed, extra)
-  abstract = jax.eval_shape(make)
+  # `params` as an argument: arrays or ShapeDtypeStructs (an ahead-of-time compile) alike.
+  abstract = jax.eval_shape(lambda p: create_train_state(p, tx, seed, extra), params)
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_shardings,
                                  transform_non_params=lambda _: replicated)
   state_sh = TrainState(step=replicated, params=param_shardings, opt_state=opt_sh,
