@@ -12,8 +12,8 @@ a JSON description (`meta.json`) that says how to rebuild the network around the
 
 Every artifact ends with `manifest.json` (size and SHA-256 of each file, written last): loading
 verifies it, so a truncated, edited or half-copied artifact is an `InputError` naming the file,
-never weights that silently differ. `fingerprint` digests the content (meta and parameter
-values, not file bytes), for comparing inputs on resume.
+never weights that silently differ. A loaded artifact's `fingerprint` digests its content
+(meta and parameter values, not file bytes), for comparing inputs on resume.
 Loaded teachers are plain pytrees of arrays: `opd.setup.build_opd(..., base_params=base.dit,
 teachers=[load_adapter(p).params for p in paths])` stacks them as frozen teachers.
 """
@@ -91,12 +91,6 @@ def content_fingerprint(params: Any, meta: dict) -> str:
   return h.hexdigest()
 
 
-def fingerprint(directory: str) -> str:
-  """`content_fingerprint` of the (verified) artifact at `directory`."""
-  params, meta = _load(directory)
-  return content_fingerprint(params, meta)
-
-
 def _load(directory: str) -> tuple[Any, dict]:
   directory = os.path.abspath(directory)
   verify(directory)
@@ -171,6 +165,10 @@ class Adapter:
   @property
   def cfg_scale(self) -> float:
     return float(self.meta['cfg_scale'])
+
+  @property
+  def fingerprint(self) -> str:
+    return content_fingerprint(self.params, self.meta)
 
 
 def save_adapter(directory: str, adapter: Any, meta: dict) -> str:

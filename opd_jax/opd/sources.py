@@ -38,6 +38,14 @@ class Base:
 
 
 @dataclasses.dataclass
+class Teachers:
+  """Per-task teacher pytrees in data.tasks order (None: seeded random stand-ins) and a content
+  digest of each loaded one, {'teacher/<task>': digest}."""
+  params: list | None = None
+  fingerprint: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
 class OPDInputs:
   config: ml_collections.ConfigDict     # the run's config with base-derived fields filled in
   base: Base
@@ -134,8 +142,8 @@ BASE_LOADERS: dict[str, Callable[..., Base]] = {
 
 
 # --- teachers -----------------------------------------------------------------------------------
-def _random_teachers(config, base: Base) -> None:
-  return None   # opd_setup.build_opd draws seeded stand-ins of the right layout
+def _random_teachers(config, base: Base) -> Teachers:
+  return Teachers()   # opd_setup.build_opd draws seeded stand-ins of the right layout
 
 
 def _teacher_paths(config, what: str) -> list[tuple[str, str]]:
@@ -147,10 +155,10 @@ def _teacher_paths(config, what: str) -> list[tuple[str, str]]:
   return out
 
 
-def _artifact_teachers(config, base: Base) -> list:
+def _artifact_teachers(config, base: Base) -> Teachers:
   """Saved RL teachers (`artifacts.save_adapter`), one directory per declared task."""
   from opd_jax.mini_world import artifacts
-  out = []
+  out = Teachers([])
   for task, path in _teacher_paths(config, 'the saved teacher'):
     adapter = artifacts.load_adapter(path)
     layout = (int(adapter.meta['lora_rank']), float(adapter.meta['lora_alpha']))
@@ -161,11 +169,12 @@ def _artifact_teachers(config, base: Base) -> list:
     if task not in adapter.meta['tasks']:
       raise ConfigError(f'config.teachers.tasks.{task}.path: {path} was trained on '
                         f'{adapter.meta["tasks"]}, not on task {task!r}')
-    out.append(adapter.params)
+    out.params.append(adapter.params)
+    out.fingerprint[f'teacher/{task}'] = adapter.fingerprint
   return out
 
 
-def _peft_teachers(config, base: Base) -> list:
+def _peft_teachers(config, base: Base) -> Teachers:
   """PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors), one per declared
   task, e.g. the released DiffusionOPD GenEvalTeacher / OCRTeacher / AesTeacher.
 
@@ -177,16 +186,18 @@ def _peft_teachers(config, base: Base) -> list:
   from opd_jax.models.registry import make_module
   m, l = config.model, config.lora
   model = nnx.eval_shape(lambda: make_module(m, seed=0, lora_rank=l.rank, lora_alpha=l.alpha))
-  out = []
+  from opd_jax.fingerprint import directory_fingerprint
+  out = Teachers([])
   for task, path in _teacher_paths(config, 'the PEFT adapter'):
     try:
-      out.append(nnx.to_pure_dict(load_lora_adapter(path, model)))
+      out.params.append(nnx.to_pure_dict(load_lora_adapter(path, model)))
     except InputError as e:
       raise InputError(f'config.teachers.tasks.{task}.path: {e}') from None
+    out.fingerprint[f'teacher/{task}'] = directory_fingerprint(path)
   return out
 
 
-TEACHER_LOADERS: dict[str, Callable[..., list | None]] = {
+TEACHER_LOADERS: dict[str, Callable[..., Teachers]] = {
     'random': _random_teachers,
     'artifacts': _artifact_teachers,
     'peft': _peft_teachers,
@@ -261,20 +272,6 @@ def _lookup(registry: dict, name: str, field: str) -> Callable:
   return registry[name]
 
 
-def _fingerprint(config, base: Base, prompts) -> dict:
-  from opd_jax.mini_world import artifacts
-  out = {'base': base.fingerprint}
-  for task in config.data.tasks:
-    teacher = config.teachers.tasks[task]
-    if config.teachers.source == 'artifacts':
-      out[f'teacher/{task}'] = artifacts.fingerprint(teacher.path)
-    elif config.teachers.source == 'peft':
-      from opd_jax.fingerprint import directory_fingerprint
-      out[f'teacher/{task}'] = directory_fingerprint(teacher.path)
-  out['prompts'] = prompts.fingerprint()
-  return out
-
-
 def load_inputs(config: ml_collections.ConfigDict, batch_per_task: int, mesh=None) -> OPDInputs:
   """Base, teachers and prompts of an OPD run (see the module docstring).
 
@@ -285,5 +282,7 @@ def load_inputs(config: ml_collections.ConfigDict, batch_per_task: int, mesh=Non
   teachers = _lookup(TEACHER_LOADERS, config.teachers.source, 'teachers.source')(config, base)
   prompts = _lookup(PROMPT_LOADERS, config.data.source, 'data.source')(config, base,
                                                                       batch_per_task)
-  return OPDInputs(config, base, teachers, prompts, _fingerprint(config, base, prompts))
+  fingerprint = {'base': base.fingerprint, **teachers.fingerprint,
+                 'prompts': prompts.fingerprint()}
+  return OPDInputs(config, base, teachers.params, prompts, fingerprint)
 
