@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from opd_jax.models.policy import Policy
 from opd_jax.models.registry import build_model
 from opd_jax.opd.config import check_global_batch
-from opd_jax.opd.setup import frozen_shardings, jit_round, round_spec
+from opd_jax.opd.setup import batch_shardings, frozen_shardings, jit_round, round_spec
 from opd_jax.parallel import sharding as shd
 from opd_jax.parallel.mesh import batch_axis_size
 
@@ -62,30 +62,26 @@ def abstract_round(config, mesh: Mesh, negative: dict) -> AbstractRound:
   frozen_sh = frozen_shardings(config, mesh, base_state, lora_state, negative)
   base = nnx.to_pure_dict(base_state)
   teacher = nnx.to_pure_dict(lora_state if config.teachers.kind == 'lora' else base_state)
-  rep = shd.replicated(mesh)
   frozen = {
       'base': _shaped(base, frozen_sh['base']),
       'teachers': _shaped(teacher, frozen_sh['teachers'], (num_tasks,)),
-      'teacher_cfg': jax.ShapeDtypeStruct((num_tasks,), jnp.float32, sharding=rep),
+      'teacher_cfg': jax.ShapeDtypeStruct((num_tasks,), jnp.float32,
+                                          sharding=frozen_sh['teacher_cfg']),
       'negative': _shaped(negative, frozen_sh['negative']),
   }
-  if config.student.kind == 'lora':
+  if config.student.kind == 'lora':   # LoRA slots are float32 whatever the network's dtype
     student_sh = shd.state_shardings(lora_state, mesh)
     student = _shaped(nnx.to_pure_dict(lora_state), student_sh)
-    # LoRA master weights are float32 whatever the network's dtype (as init_lora_state makes).
-    student = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32,
-                                                          sharding=x.sharding), student)
   else:
     student, student_sh = frozen['base'], frozen_sh['base']
   _, _, _, state, round_fn = jit_round(config, round_spec(config, policy), mesh, student,
                                        student_sh, frozen_sh, negative)
-  batch_devices = batch_axis_size(mesh)
-  prompts = check_global_batch(config, batch_devices)
+  prompts = check_global_batch(config, batch_axis_size(mesh))
+  batch_sh = batch_shardings(mesh, negative)
   batch = {'cond': jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((num_tasks, prompts) + tuple(x.shape[1:]), x.dtype,
-                                     sharding=shd.batch_sharding(mesh, len(x.shape) + 1, 1)),
-      negative),
-      'teacher': jax.ShapeDtypeStruct((num_tasks,), jnp.int32, sharding=rep)}
+      lambda x, s: jax.ShapeDtypeStruct((num_tasks, prompts) + tuple(x.shape[1:]), x.dtype,
+                                        sharding=s), negative, batch_sh['cond']),
+      'teacher': jax.ShapeDtypeStruct((num_tasks,), jnp.int32, sharding=batch_sh['teacher'])}
   return AbstractRound(round_fn, state, frozen, batch)
 
 

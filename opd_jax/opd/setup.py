@@ -147,6 +147,13 @@ def frozen_shardings(config, mesh: Mesh, base_state: nnx.State, lora_state: nnx.
   }
 
 
+def batch_shardings(mesh: Mesh, negative: dict) -> dict:
+  """Shardings of one round's batch: conditioning [M, B, ...] split over B, teacher slots
+  replicated (`negative` gives the conditioning's structure and ranks)."""
+  return {'cond': jax.tree.map(lambda x: shd.batch_sharding(mesh, np.ndim(x) + 1, 1), negative),
+          'teacher': shd.replicated(mesh)}
+
+
 def jit_round(config, spec: RoundSpec, mesh: Mesh, student: Any, student_shardings: Any,
               frozen_sh: dict, negative: dict):
   """Optimizer, train-state factory, state shardings, abstract state and the jitted round
@@ -156,10 +163,8 @@ def jit_round(config, spec: RoundSpec, mesh: Mesh, student: Any, student_shardin
   tx = make_optimizer(config.optimizer, config.train.num_steps)
   init_state, state_sh, abstract_state = sharded_train_state(student, student_shardings, tx,
                                                              config.seed, rep)
-  batch_sh = {'cond': jax.tree.map(lambda x: shd.batch_sharding(mesh, np.ndim(x) + 1, 1),
-                                   negative),
-              'teacher': rep}
-  round_fn = jax.jit(make_round_fn(spec, tx), in_shardings=(state_sh, frozen_sh, batch_sh),
+  round_fn = jax.jit(make_round_fn(spec, tx),
+                     in_shardings=(state_sh, frozen_sh, batch_shardings(mesh, negative)),
                      out_shardings=(state_sh, rep), donate_argnums=(0,))
   return tx, init_state, state_sh, abstract_state, round_fn
 
