@@ -51,6 +51,21 @@ def test_bad_values_name_the_field(field, value, message):
     validate_opd_config(c)
 
 
+@pytest.mark.parametrize('overrides,message', [
+    ({'objective.name': 'ppo_analytic_advantage', 'rollout.kernel': 'flow_grpo',
+      'rollout.noise_level': 0.7}, 'config.train.fused_vjp'),
+    ({'train.timestep_chunks': 3}, 'config.train.timestep_chunks'),
+])
+def test_fused_vjp_needs_the_analytic_objective_in_one_chunk(overrides, message):
+  c = get_config()
+  c.train.fused_vjp = True
+  for field, value in overrides.items():
+    section, leaf = field.split('.')
+    c[section][leaf] = value
+  with pytest.raises(ConfigError, match=message.replace('.', r'\.')):
+    validate_opd_config(c)
+
+
 def test_teachers_are_declared_for_exactly_the_tasks():
   c = get_config()
   c.data.tasks = ('composition', 'text')

@@ -98,7 +98,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.train = sections.train(num_steps=60, checkpoint_every=10)
   c.train.num_microbatches = 1       # per task; gradients accumulate in one buffer
+  c.train.memory_limit_gib = 0.0     # > 0: stop before the first step if a device needs more
   c.train.timestep_chunks = 1        # trained steps are vmapped in this many chunks
+  c.train.fused_vjp = False          # True: the student's VJP taken during the rollout (one pass)
   c.train.export_peft = False        # PEFT export needs an SD3 model
 
   if 'standin' in flags:

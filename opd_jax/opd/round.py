@@ -6,6 +6,12 @@ the teacher index is traced, so nothing recompiles):
   2. at every trained state x_j, the task's teacher gives its mean with its own CFG, detached;
   3. the objective's per-step terms are differentiated w.r.t. the student parameters and the
      gradient is accumulated into one float32 buffer.
+Two equivalent ways to do 1–3 (`RoundSpec.fused_vjp`): the reference two-pass form (a no-grad
+rollout, then the per-step KL as a vmap over the trained timesteps, differentiated —
+`task_loss_and_grad`), and the fused form (`fused_task_loss_and_grad`), which takes the student's
+VJP during the rollout itself: the parameters are the same in both passes (one optimizer step per
+round), so the rollout's forward can keep its residuals and serve the gradient, and the steps
+after the last trained one are never run.
 Task losses are averaged; the round ends with one AdamW step and the EMA rule
 (`TrainState.apply_gradients`).
 Micro-batches (per task) and chunks of timesteps are further `lax.scan`s that add into the same
@@ -26,10 +32,11 @@ import optax
 
 from opd_jax.models.policy import Policy
 from opd_jax.objectives import get_objective
+from opd_jax.objectives.per_step_kl import gaussian_kl
 from opd_jax.opd.teachers import round_robin
 from opd_jax.sampling.guidance import broadcast_uncond
-from opd_jax.sampling.rollout import rollout, sample_keys
-from opd_jax.sampling.step import KernelSpec
+from opd_jax.sampling.rollout import rollout, sample_keys, sample_noise
+from opd_jax.sampling.step import KernelSpec, is_deterministic, sampler_step, transition_mean
 from opd_jax.train.state import EMARule, TrainState
 
 
@@ -52,6 +59,7 @@ class RoundSpec:
   logprob_reduction: str = 'mean'
   clip_range: float = 1e-4          # PPO-style objectives only
   discount: float = 0.0
+  fused_vjp: bool = False           # analytic objective only; see fused_task_loss_and_grad
 
 
 def _split_microbatches(tree: Any, n: int) -> Any:
@@ -100,6 +108,62 @@ def task_loss_and_grad(spec: RoundSpec, params: Any, frozen: dict, cond: dict,
   return grad, kl.reshape((spec.num_train_steps, batch))
 
 
+def fused_task_loss_and_grad(spec: RoundSpec, params: Any, frozen: dict, cond: dict,
+                             teacher: jax.Array, keys: jax.Array):
+  """`task_loss_and_grad` for the analytic objective in one pass: the VJP taken at rollout time.
+
+  A `lax.scan` over the T trained steps; step j: the student's transition from x_j with
+  residuals kept (`jax.vjp`) → μ_S(x_j) and x_{j+1}; the teacher's mean at x_j (detached); the
+  cotangent ∂KL_j/∂μ_S of the closed-form per-step KL (Eq. 11, or ½‖μ_S − μ_T‖² for the ODE,
+  Eq. 12) — so the pathwise gradient (Eq. 15) is (μ_S − μ_T)/σ̄_j² · ∂μ_S/∂θ —; the backward pass;
+  the result added to the float32 buffer; the residuals dropped. The states x_j are the same
+  sample as the reference rollout's (same per-sample keys and step noise) and, as there, constants
+  of the gradient. Steps after the last trained one are never run: nothing uses them.
+  Returns (grad, kl [T, B]) scaled as `task_loss_and_grad`'s.
+  """
+  policy = spec.policy
+  batch = keys.shape[0]
+  uncond = broadcast_uncond(frozen['negative'], batch)
+  sig = jnp.asarray(spec.sigmas, jnp.float32)
+  trained = spec.num_train_steps
+  x0, eps = sample_noise(keys, spec.latent_shape, len(spec.sigmas) - 1)
+  teacher_velocity = policy.teacher_velocity(teacher, frozen, params)
+  teacher_cfg = frozen['teacher_cfg'][teacher]
+  deterministic = is_deterministic(spec.kernel)
+  weight = 1.0 / batch / (trained if spec.time_reduction == 'mean' else 1)
+
+  def step(carry, inputs):
+    x, grad_acc = carry
+    t, t_next, noise = inputs
+
+    def student_transition(p):
+      tr = sampler_step(policy.student_velocity(p, frozen), x, t, t_next, sig[1], cond, uncond,
+                        spec.student_cfg, spec.kernel, noise)
+      return tr.mean, tr
+
+    with jax.named_scope('student_forward'):
+      mu_s, backward, tr = jax.vjp(student_transition, params, has_aux=True)
+    with jax.named_scope('teacher'):
+      mu_t, _ = transition_mean(teacher_velocity, x, t, t_next, sig[1], cond, uncond,
+                                teacher_cfg, spec.kernel)
+    mu_t = jax.lax.stop_gradient(mu_t)
+
+    def loss(mu):
+      kl = gaussian_kl(mu, mu_t, tr.std, t_next - t, deterministic=deterministic,
+                       reduction=spec.reduction, normaliser=spec.normaliser)
+      return jnp.sum(kl) * weight, kl
+
+    (_, kl), cotangent = jax.value_and_grad(loss, has_aux=True)(mu_s)
+    with jax.named_scope('student_backward'):
+      (g,) = backward(cotangent)
+    return (jax.lax.stop_gradient(tr.next), jax.tree.map(jnp.add, grad_acc, g)), kl
+
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+  (_, grad), kl = jax.lax.scan(step, (x0, zeros),
+                               (sig[:trained], sig[1:trained + 1], eps[:trained]))
+  return grad, kl
+
+
 def opd_round(spec: RoundSpec, tx: optax.GradientTransformation, state: TrainState,
               frozen: dict, batch: dict) -> tuple[TrainState, dict]:
   """One round: every task's student rollout, teacher scoring and gradient, then one update.
@@ -113,6 +177,7 @@ def opd_round(spec: RoundSpec, tx: optax.GradientTransformation, state: TrainSta
   """
   num_tasks = batch['teacher'].shape[0]
   nmb = spec.num_microbatches
+  loss_and_grad = fused_task_loss_and_grad if spec.fused_vjp else task_loss_and_grad
 
   def task_body(grad_acc, m, cond, teacher):
     global_batch = jax.tree.leaves(cond)[0].shape[0]
@@ -121,7 +186,7 @@ def opd_round(spec: RoundSpec, tx: optax.GradientTransformation, state: TrainSta
 
     def micro(acc, xs):
       cond_mb, keys_mb = xs
-      g, kl = task_loss_and_grad(spec, state.params, frozen, cond_mb, teacher, keys_mb)
+      g, kl = loss_and_grad(spec, state.params, frozen, cond_mb, teacher, keys_mb)
       return jax.tree.map(lambda a, b: a + b / (nmb * num_tasks), acc, g), kl
 
     grad_acc, kl = jax.lax.scan(micro, grad_acc, mb)     # kl [nmb, T, B/nmb]

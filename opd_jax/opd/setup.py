@@ -73,7 +73,8 @@ def round_spec(config, policy: Policy) -> RoundSpec:
       objective=o.name, reduction=o.kl_reduction, normaliser=o.kl_normaliser,
       time_reduction=o.time_reduction, num_microbatches=t.num_microbatches,
       timestep_chunks=t.timestep_chunks, ema=EMARule.from_config(config.ema),
-      logprob_reduction=r.logprob_reduction, clip_range=o.clip_range, discount=o.discount)
+      logprob_reduction=r.logprob_reduction, clip_range=o.clip_range, discount=o.discount,
+      fused_vjp=bool(t.fused_vjp))
 
 
 def build_opd(config, mesh: Mesh, negative: dict, *, base_params: dict | None = None,
