@@ -13,7 +13,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # Bottom to top. A module may import from its own layer or any layer below.
 LAYERS = [
-    {'errors', 'fingerprint'},
+    {'errors', 'fingerprint', 'flops'},
     {'parallel', 'sampling'},
     {'models'},
     {'objectives', 'mini_world'},
