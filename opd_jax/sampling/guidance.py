@@ -18,17 +18,29 @@ VelocityFn = Callable[[jax.Array, jax.Array, Cond], jax.Array]
 
 def guided_velocity(velocity_fn: VelocityFn, x: jax.Array, timestep: jax.Array, cond: Cond,
                     uncond: Cond | None, cfg_scale: Any) -> jax.Array:
-  """CFG velocity in float32. `uncond=None` means no guidance (the CFG-free w = 1 case).
+  """CFG velocity in float32. `uncond=None` or w = 1 means no guidance: one B-batch call.
 
-  `cfg_scale` may be a traced scalar (per-teacher scales selected inside jit); with a traced
-  scale both branches always run, which keeps shapes static.
+  `cfg_scale` may be a traced scalar (per-teacher scales selected inside jit, e.g. a CFG-free
+  teacher at 1.0 beside guided ones): then a `lax.cond` runs the conditional branch alone when
+  it is 1 — as diffusers does (no unconditional pass at w = 1) — and the 2B batch otherwise.
   """
-  if uncond is None:
+  def conditional():
     return velocity_fn(x, timestep, cond).astype(jnp.float32)
-  both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
-  v = velocity_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([timestep, timestep]), both)
-  v_cond, v_uncond = jnp.split(v.astype(jnp.float32), 2, axis=0)
-  return v_uncond + jnp.asarray(cfg_scale, jnp.float32) * (v_cond - v_uncond)
+
+  def guided():
+    both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
+    v = velocity_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([timestep, timestep]),
+                    both)
+    v_cond, v_uncond = jnp.split(v.astype(jnp.float32), 2, axis=0)
+    return v_uncond + jnp.asarray(cfg_scale, jnp.float32) * (v_cond - v_uncond)
+
+  if uncond is None:
+    return conditional()
+  try:
+    w = float(cfg_scale)             # known while tracing: choose here
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return jax.lax.cond(jnp.asarray(cfg_scale) == 1, conditional, guided)
+  return conditional() if w == 1 else guided()
 
 
 def broadcast_uncond(negative: Cond, batch_size: int) -> Cond:
