@@ -41,15 +41,19 @@ class LoRALinear(nnx.Module):
   """y = x W + b + (alpha/r) · (x A) B, with W, b frozen base and A, B a LoRA adapter.
 
   rank 0 gives a plain linear layer with no adapter variables (full-weight training).
+  `out_dtype` (default: `dtype`) is the dtype of the products and the result: float32 with a
+  bfloat16 `dtype` multiplies in bfloat16 and accumulates, adds the adapter and the bias in
+  float32, so a small adapter delta is not rounded away against a large base output.
   """
 
   def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
                use_bias: bool = True, lora_rank: int = 0, lora_alpha: float = 1.0,
                lora_init: str = 'gaussian', logical_axes: LogicalAxes = ('embed', 'mlp'),
                kernel_init=nnx.initializers.lecun_normal(), dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32):
+               param_dtype: Any = jnp.float32, out_dtype: Any = None):
     self.in_features, self.out_features = in_features, out_features
     self.dtype = dtype
+    self.out_dtype = out_dtype
     self.lora_rank = lora_rank
     self.lora_scale = float(lora_alpha) / lora_rank if lora_rank else 0.0
     self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype),
@@ -65,12 +69,21 @@ class LoRALinear(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
-    y = x @ self.kernel[...].astype(self.dtype)
+    if self.out_dtype is None or self.out_dtype == self.dtype:
+      y = x @ self.kernel[...].astype(self.dtype)
+      if self.lora_rank:
+        delta = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
+        y = y + self.lora_scale * delta
+      if self.bias is not None:
+        y = y + self.bias[...].astype(self.dtype)
+      return y
+    out = self.out_dtype
+    y = jnp.matmul(x, self.kernel[...].astype(self.dtype), preferred_element_type=out)
     if self.lora_rank:
-      delta = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
-      y = y + self.lora_scale * delta
+      xa = jnp.matmul(x, self.lora_a[...].astype(self.dtype), preferred_element_type=out)
+      y = y + self.lora_scale * (xa @ self.lora_b[...].astype(out))
     if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
+      y = y + self.bias[...].astype(out)
     return y
 
 

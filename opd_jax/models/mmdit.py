@@ -157,16 +157,18 @@ class _Linears:
   """Builds `LoRALinear`s, giving an adapter slot only to modules matched by `targets`."""
 
   def __init__(self, rngs: nnx.Rngs, *, rank: int, alpha: float, init: str,
-               targets: Sequence[str] | str, dtype: Any, param_dtype: Any):
+               targets: Sequence[str] | str, dtype: Any, param_dtype: Any,
+               out_dtype: Any = None):
     self.rngs, self.rank, self.alpha, self.init = rngs, rank, alpha, init
     self.targets, self.dtype, self.param_dtype = targets, dtype, param_dtype
+    self.out_dtype = out_dtype
 
   def __call__(self, path: str, din: int, dout: int, axes: tuple) -> LoRALinear:
     """`path` is the layer's diffusers module name (what PEFT's target_modules match)."""
     rank = self.rank if self.rank and matches_target(path, self.targets) else 0
     return LoRALinear(din, dout, rngs=self.rngs, lora_rank=rank, lora_alpha=self.alpha,
                       lora_init=self.init, logical_axes=axes, dtype=self.dtype,
-                      param_dtype=self.param_dtype)
+                      param_dtype=self.param_dtype, out_dtype=self.out_dtype)
 
 
 class AdaModulation(nnx.Module):
@@ -244,7 +246,10 @@ class Attention(nnx.Module):
       if context_bias is not None:
         bias = jnp.concatenate([jnp.zeros(context_bias.shape[:-1] + (x.shape[1],),
                                           context_bias.dtype), context_bias], axis=-1)
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=self.attention_impl)
+    dtype = self.to_q.dtype   # attention inputs in the compute dtype (logits, softmax: float32)
+    q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
+    out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(dtype),
+                                       implementation=self.attention_impl)
     out = out.reshape(out.shape[0], out.shape[1], -1)
     n = x.shape[1]
     img = self.to_out[0](out[:, :n])
@@ -365,7 +370,8 @@ class MMDiT(nnx.Module):
                lora_targets: Sequence[str] | str = RECIPE_LORA_TARGETS,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, remat: bool = False,
                remat_policy: str | None = None, attention_impl: str | None = None,
-               scan_layers: bool = False):
+               scan_layers: bool = False, float32_residual: bool = False,
+               float32_output: bool = False, float32_matmul_output: bool = False):
     """Builds the network (random init; use `opd_jax.models.loading.load_mmdit` for weights).
 
     Args:
@@ -382,6 +388,12 @@ class MMDiT(nnx.Module):
       remat: rematerialise each block in the backward pass (activation memory ∝ 1 block).
       remat_policy: name of a `jax.checkpoint_policies` policy used with `remat`.
       attention_impl: `jax.nn.dot_product_attention` implementation (None, 'xla', 'cudnn').
+        Whatever the dtype, its logits and softmax are float32.
+      float32_residual: with a low-precision `dtype`, keep the two residual streams (image and
+        text tokens) in float32; every matmul still runs in `dtype`.
+      float32_output: run the output layer (norm_out modulation and proj_out) in float32.
+      float32_matmul_output: every linear multiplies in `dtype` but returns float32 products
+        (accumulation, adapter delta and bias in float32; `LoRALinear.out_dtype`).
       scan_layers: run each run of consecutive, identically built blocks (SD3.5-M: 13 MMDiT-X
         blocks, then 10 plain ones, then the context_pre_only block) as one `lax.scan` over
         their stacked weights, so XLA compiles one block per run instead of every block.
@@ -398,7 +410,8 @@ class MMDiT(nnx.Module):
     self.scan_layers = scan_layers
     dim, heads, head_dim = config.inner_dim, config.num_attention_heads, config.attention_head_dim
     lin = _Linears(rngs, rank=lora_rank, alpha=lora_alpha, init=lora_init,
-                   targets=self.lora_targets, dtype=dtype, param_dtype=param_dtype)
+                   targets=self.lora_targets, dtype=dtype, param_dtype=param_dtype,
+                   out_dtype=jnp.float32 if float32_matmul_output else None)
     self.pos_embed = PatchEmbed(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.time_text_embed = TimeTextEmbed(dim, config.pooled_projection_dim, lin)
     self.context_embedder = lin('context_embedder', config.joint_attention_dim,
@@ -410,9 +423,13 @@ class MMDiT(nnx.Module):
                               use_dual_attention=i in config.dual_attention_layers, lin=lin,
                               attention_impl=attention_impl, param_dtype=param_dtype)
         for i in range(config.num_layers)])
-    self.norm_out = AdaModulation('norm_out', dim, 2, lin)
+    self.float32_residual = float32_residual
+    out_lin = (_Linears(rngs, rank=lora_rank, alpha=lora_alpha, init=lora_init,
+                        targets=self.lora_targets, dtype=jnp.float32, param_dtype=param_dtype)
+               if float32_output else lin)
+    self.norm_out = AdaModulation('norm_out', dim, 2, out_lin)
     p = config.patch_size
-    self.proj_out = lin('proj_out', dim, p * p * config.output_channels, ('embed', None))
+    self.proj_out = out_lin('proj_out', dim, p * p * config.output_channels, ('embed', None))
 
   def _rematerialised(self, block: JointTransformerBlock, *args):
     """block(*args) under jax.checkpoint, as a pure function of the block's state.
@@ -479,6 +496,8 @@ class MMDiT(nnx.Module):
     hidden = self.pos_embed(x.astype(self.dtype))
     temb = self.time_text_embed(timestep, pooled)
     ctx = self.context_embedder(context)
+    if self.float32_residual:
+      hidden, ctx = hidden.astype(jnp.float32), ctx.astype(jnp.float32)
     bias = None
     if context_mask is not None:
       bias = jnp.where(context_mask.astype(bool), 0.0, -1e9).astype(self.dtype)[:, None, None]

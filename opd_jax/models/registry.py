@@ -15,6 +15,8 @@ from opd_jax.models.dit import DiT
 from opd_jax.models.lora import split_model
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+# `jax.nn.dot_product_attention` implementations ('': JAX chooses; 'cudnn': GPU only).
+ATTENTION = ('', 'xla', 'cudnn')
 
 
 def _dit(cfg, rngs, lora) -> nnx.Module:
@@ -34,7 +36,10 @@ def _sd3(cfg, rngs, lora) -> nnx.Module:
   return MMDiT(MMDiTConfig.from_dict(cfg.transformer.to_dict()), rngs=rngs,
                dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], remat=cfg.remat,
                remat_policy=cfg.remat_policy or None, scan_layers=cfg.get('scan_layers', False),
-               **lora)
+               attention_impl=cfg.get('attention', '') or None,
+               float32_residual=cfg.get('float32_residual', False),
+               float32_output=cfg.get('float32_output', False),
+               float32_matmul_output=cfg.get('float32_matmul_output', False), **lora)
 
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {'dit': _dit, 'sd3': _sd3}
