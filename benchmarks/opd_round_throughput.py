@@ -1,19 +1,29 @@
 """One DiffusionOPD round in PyTorch (diffusers + peft) and in opd_jax, side by side.
 
-    python benchmarks/opd_round_throughput.py                      # small SD3.5-like net, CPU
-    python benchmarks/opd_round_throughput.py --size=sd35m --dtype=bfloat16 --prompts=3  # GPU
+    python benchmarks/opd_round_throughput.py                    # CPU: 64 to 1024 image tokens
+    python benchmarks/opd_round_throughput.py --points small:32 --rounds 3     # one point
+    python benchmarks/opd_round_throughput.py --points sd35m:64 --dtype=bfloat16 --prompts=3 \
+        --remat                                                   # GPU: SD3.5-M at 512 px
 
-The round is the released recipe's (spec §5): for each of 3 tasks, a 10-step Euler ODE student
-rollout with CFG 4.5 (no grad), then the first 9 steps re-evaluated with grad, the task's
-teacher mean at the same states (teacher LoRA, its own CFG: 1.0 for the first task, 4.5 for the
-others) and ½‖μ_S − μ_T‖² averaged over latent elements and steps; gradients accumulate over
-steps and tasks; one AdamW step on the student LoRA (r, α on the eight attention projections).
+A point `network:side` is a transformer (`NETWORKS`: tiny, small, sd35m) on side×side×16
+latents, (side/2)² image tokens. The round is the released recipe's (spec §5): for each of 3
+tasks, a 10-step Euler ODE student rollout with CFG 4.5 (no grad), then the first 9 steps
+re-evaluated with grad, the task's teacher mean at the same states (teacher LoRA, its own CFG:
+1.0 for the first task, 4.5 for the others) and ½‖μ_S − μ_T‖² averaged over latent elements and
+steps; gradients accumulate over steps and tasks; one AdamW step on the student LoRA (r, α on
+the eight attention projections).
 
 PyTorch: `SD3Transformer2DModel` with peft adapters 'student' and 'teacher<k>' switched with
 `set_adapter`, one backward per trained step (the way the official code bounds memory).
 opd_jax: `opd.setup.build_opd` on the same weights (loaded torch-free from the saved folder) and
-the same teacher LoRAs (PEFT files written by the torch side), one jitted round. Both get the
-same batch shapes; timings exclude the first (compiling / warm-up) round.
+the same teacher LoRAs (PEFT files written by the torch side), one jitted round — timed twice:
+the two-pass round (the reference, the same work as PyTorch's) and the fused round
+(`train.fused_vjp`: the student's VJP taken during the rollout, the 10th rollout step skipped).
+Both sides get the same batch shapes, dtype and block checkpointing (`--remat`: diffusers'
+gradient checkpointing / opd_jax's `model.remat`); timings are the median of `--rounds` rounds
+after one warm-up (compiling) round, all in one process. FLOPs per round are matmul FLOPs
+counted from the jaxpr of each opd_jax round (`opd_jax.flops`); the PyTorch round does the
+two-pass round's work on the same shapes, so its count is the two-pass count.
 """
 
 from __future__ import annotations
@@ -32,20 +42,26 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SIZES = {
-    # 4 blocks (2 with dual attention), 128 wide, 16×16×16 latents → 64 image tokens.
-    'small': dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=4,
+NETWORKS = {
+    # 2 blocks (1 with dual attention), 64 wide.
+    'tiny': dict(patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                 attention_head_dim=32, num_attention_heads=2, joint_attention_dim=128,
+                 caption_projection_dim=64, pooled_projection_dim=64, pos_embed_max_size=32,
+                 dual_attention_layers=(0,), qk_norm='rms_norm'),
+    # 4 blocks (2 with dual attention), 128 wide.
+    'small': dict(patch_size=2, in_channels=16, out_channels=16, num_layers=4,
                   attention_head_dim=32, num_attention_heads=4, joint_attention_dim=256,
-                  caption_projection_dim=128, pooled_projection_dim=128, pos_embed_max_size=16,
+                  caption_projection_dim=128, pooled_projection_dim=128, pos_embed_max_size=32,
                   dual_attention_layers=(0, 1), qk_norm='rms_norm'),
-    # SD3.5-Medium's transformer config (random weights), 512 px → 64×64×16 latents.
-    'sd35m': dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+    # SD3.5-Medium's transformer config (random weights).
+    'sd35m': dict(patch_size=2, in_channels=16, out_channels=16, num_layers=24,
                   attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
                   caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
                   dual_attention_layers=tuple(range(13)), qk_norm='rms_norm'),
 }
-LATENT = {'small': 16, 'sd35m': 64}
-TEXT_TOKENS = {'small': 32, 'sd35m': 333}
+TEXT_TOKENS = {'tiny': 32, 'small': 32, 'sd35m': 333}
+# Points `network:latent side`; image tokens = (side / 2)²: 16 → 64, 32 → 256, 64 → 1024.
+CPU_POINTS = ('tiny:16', 'small:16', 'small:32', 'small:48', 'small:64')
 TASK_CFG = (1.0, 4.5, 4.5)
 STEPS, TRAINED, STUDENT_CFG, SHIFT = 10, 9, 4.5, 3.0
 
@@ -55,14 +71,18 @@ def sigmas() -> np.ndarray:
   return np.asarray(flow_match_sigmas(STEPS, SHIFT), np.float32)
 
 
-def make_models(size: str, rank: int, alpha: float, folder: str, seed: int = 0):
+def network(name: str, side: int) -> dict:
+  return dict(NETWORKS[name], sample_size=side)
+
+
+def make_models(net: dict, rank: int, alpha: float, folder: str, seed: int = 0):
   """Random base + 3 teacher LoRAs (saved for opd_jax) and the torch model with all adapters."""
   import torch
   from diffusers import SD3Transformer2DModel
   from peft import LoraConfig
   from opd_jax.models.peft_io import RECIPE_LORA_TARGETS
   torch.manual_seed(seed)
-  model = SD3Transformer2DModel(**SIZES[size])
+  model = SD3Transformer2DModel(**net)
   with torch.no_grad():
     for p in model.parameters():
       p.normal_(0.0, 0.02)
@@ -82,30 +102,33 @@ def make_models(size: str, rank: int, alpha: float, folder: str, seed: int = 0):
   return model
 
 
-def batch_arrays(size: str, prompts: int, seed: int = 0) -> dict:
+def batch_arrays(name: str, prompts: int, seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
-  cfg = SIZES[size]
+  cfg, text = NETWORKS[name], TEXT_TOKENS[name]
   shape = (3, prompts)
-  return {'context': rng.standard_normal(shape + (TEXT_TOKENS[size], cfg['joint_attention_dim']),
-                                         np.float32),
+  return {'context': rng.standard_normal(shape + (text, cfg['joint_attention_dim']), np.float32),
           'pooled': rng.standard_normal(shape + (cfg['pooled_projection_dim'],), np.float32),
-          'neg_context': rng.standard_normal((1, TEXT_TOKENS[size], cfg['joint_attention_dim']),
-                                             np.float32),
+          'neg_context': rng.standard_normal((1, text, cfg['joint_attention_dim']), np.float32),
           'neg_pooled': rng.standard_normal((1, cfg['pooled_projection_dim']), np.float32)}
 
 
 # --- PyTorch -------------------------------------------------------------------------------------
-def torch_round_fn(model, arrays: dict, size: str, dtype: str, device: str):
+def torch_round_fn(model, arrays: dict, net: dict, dtype: str, device: str, remat: bool):
   import torch
   tdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
   model.to(device)
+  if remat:
+    model.enable_gradient_checkpointing()
+  else:
+    model.disable_gradient_checkpointing()
+  model.train(remat)   # diffusers checkpoints blocks only in training mode (no dropout here)
   params = [p for n, p in model.named_parameters() if 'lora_' in n and '.student' in n]
   for n, p in model.named_parameters():
     p.requires_grad_('lora_' in n and '.student' in n)
   opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.999), weight_decay=1e-4)
   sig = torch.tensor(sigmas(), device=device)
   cond = {k: torch.tensor(v, device=device) for k, v in arrays.items()}
-  c, lat = SIZES[size]['in_channels'], LATENT[size]
+  c, lat = net['in_channels'], net['sample_size']
   gen = torch.Generator(device=device).manual_seed(0)
 
   def velocity(x, t, ctx, pooled, neg_ctx, neg_pooled, w):
@@ -157,7 +180,9 @@ def torch_round_fn(model, arrays: dict, size: str, dtype: str, device: str):
 
 
 # --- opd_jax -------------------------------------------------------------------------------------
-def jax_round_fn(folder: str, arrays: dict, size: str, dtype: str, rank: int, alpha: float):
+def jax_round_fn(folder: str, arrays: dict, net: dict, dtype: str, rank: int, alpha: float,
+                 remat: bool, fused: bool):
+  """The jitted opd_jax round on the saved weights; returns (run one round, matmul FLOPs)."""
   import jax
   import ml_collections
   from flax import nnx
@@ -166,16 +191,19 @@ def jax_round_fn(folder: str, arrays: dict, size: str, dtype: str, rank: int, al
   from opd_jax.models.lora import split_model
   from opd_jax.models.peft_io import load_lora_adapter
   from opd_jax.models.registry import DTYPES, make_module
-  from opd_jax.parallel.mesh import make_mesh
+  from opd_jax.opd import aot
   from opd_jax.opd.setup import build_opd, device_batch
+  from opd_jax.parallel.mesh import make_mesh
   c = get_config()
   c.model.transformer = ml_collections.ConfigDict(
-      {k: list(v) if isinstance(v, tuple) else v for k, v in SIZES[size].items()})
-  c.model.update(latent_size=LATENT[size], latent_channels=SIZES[size]['in_channels'],
-                 dtype=dtype, param_dtype=dtype, remat=size != 'small')
+      {k: list(v) if isinstance(v, tuple) else v for k, v in net.items()})
+  c.model.update(latent_size=net['sample_size'], latent_channels=net['in_channels'],
+                 dtype=dtype, param_dtype=dtype, remat=remat)
   c.lora.update(rank=rank, alpha=alpha)
-  c.rollout.shift = 3.0
-  c.data.batch_size_per_device = arrays['pooled'].shape[1]
+  c.rollout.shift = SHIFT
+  c.train.update(fused_vjp=fused, num_microbatches=1, timestep_chunks=1)
+  prompts = arrays['pooled'].shape[1]
+  c.data.batch_size_per_device = prompts
   mesh = make_mesh({'data': 1}, jax.devices()[:1])
   base = nnx.to_pure_dict(split_model(load_mmdit(os.path.join(folder, 'base'),
                                                  param_dtype=DTYPES[dtype]))[1])
@@ -187,14 +215,8 @@ def jax_round_fn(folder: str, arrays: dict, size: str, dtype: str, rank: int, al
   setup = build_opd(c, mesh, negative, base_params=base, teachers=teachers)
   batch = device_batch(mesh, {'context': arrays['context'], 'pooled': arrays['pooled']},
                        setup.teacher_index)
+  flops = aot.round_flops(aot.abstract_round(c, mesh, negative))
   box = {'state': setup.init_state()}
-  flops = None
-  try:
-    cost = setup.round_fn.lower(box['state'], setup.frozen, batch).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get('flops', 0.0)) or None
-  except Exception:  # cost analysis is best-effort; timing does not depend on it
-    flops = None
 
   def one_round():
     box['state'], metrics = setup.round_fn(box['state'], setup.frozen, batch)
@@ -215,43 +237,93 @@ def time_rounds(fn, rounds: int) -> list[float]:
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12}   # dense bf16 tensor-core peak (SXM)
 
 
+def measure_point(point: str, args, device: str) -> dict:
+  """Both implementations at one point, in this process: PyTorch, opd_jax two-pass, fused."""
+  name, side = point.split(':')
+  net = network(name, int(side))
+  arrays = batch_arrays(name, args.prompts)
+  with tempfile.TemporaryDirectory() as folder:
+    model = make_models(net, args.rank, args.alpha, folder)
+    torch_times = time_rounds(torch_round_fn(model, arrays, net, args.dtype, device, args.remat),
+                              args.rounds)
+    del model
+    times, flops = {'pytorch': torch_times}, {}
+    for label, fused in (('opd_jax', False), ('opd_jax_fused', True)):
+      fn, flops[label] = jax_round_fn(folder, arrays, net, args.dtype, args.rank, args.alpha,
+                                      args.remat, fused)
+      times[label] = time_rounds(fn, args.rounds)
+  flops['pytorch'] = flops['opd_jax']
+  seconds = {k: float(np.median(v)) for k, v in times.items()}
+  return {'point': point, 'network': name, 'latent_side': int(side),
+          'image_tokens': (int(side) // net['patch_size']) ** 2,
+          'text_tokens': TEXT_TOKENS[name], 'seconds_per_round': seconds,
+          'all_round_seconds': times, 'matmul_flops_per_round': flops,
+          'speedup_over_pytorch': {k: seconds['pytorch'] / v for k, v in seconds.items()
+                                   if k != 'pytorch'}}
+
+
+def markdown(result: dict) -> str:
+  peak = result['peak_flops']
+  out = ['# OPD round throughput: opd_jax vs PyTorch (diffusers + peft)', '',
+         f'Command: `{result["command"]}`  ', f'Commit: `{result["commit"]}`  ',
+         f'Device: {result["device"]}; machine: {result["machine"]}', '',
+         f'{result["dtype"]}, block checkpointing (remat) {"on" if result["remat"] else "off"} '
+         f'on both sides, LoRA r{result["lora_rank"]}, 3 tasks × {result["prompts_per_task"]} '
+         'prompts, 10-step ODE rollout with CFG, 9 trained steps; median of '
+         f'{result["rounds"]} rounds after one warm-up round, both sides in one process. '
+         'GFLOP: matmul FLOPs per round counted from the opd_jax jaxpr (PyTorch does the '
+         'two-pass work).', '',
+         '| network | image tokens | PyTorch s/round | opd_jax s/round | fused s/round | '
+         'opd_jax / PyTorch | fused / PyTorch | GFLOP two-pass | GFLOP fused |',
+         '|---|---|---|---|---|---|---|---|---|']
+  for r in result['points']:
+    s, f, x = r['seconds_per_round'], r['matmul_flops_per_round'], r['speedup_over_pytorch']
+    out.append(f'| {r["network"]} | {r["image_tokens"]} | {s["pytorch"]:.3f} | '
+               f'{s["opd_jax"]:.3f} | {s["opd_jax_fused"]:.3f} | {x["opd_jax"]:.2f}× | '
+               f'{x["opd_jax_fused"]:.2f}× | {f["opd_jax"] / 1e9:.1f} | '
+               f'{f["opd_jax_fused"] / 1e9:.1f} |')
+  if peak:
+    out += ['', 'MFU (matmul FLOPs / s / bf16 peak): ' + '; '.join(
+        f'{r["point"]}: PyTorch {100 * r["matmul_flops_per_round"]["pytorch"] / r["seconds_per_round"]["pytorch"] / peak:.1f} %, '
+        f'opd_jax {100 * r["matmul_flops_per_round"]["opd_jax"] / r["seconds_per_round"]["opd_jax"] / peak:.1f} %, '
+        f'fused {100 * r["matmul_flops_per_round"]["opd_jax_fused"] / r["seconds_per_round"]["opd_jax_fused"] / peak:.1f} %'
+        for r in result['points'])]
+  return '\n'.join(out) + '\n'
+
+
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--size', choices=sorted(SIZES), default='small')
+  p.add_argument('--points', nargs='+', default=list(CPU_POINTS),
+                 help='network:latent_side, e.g. small:32 (256 image tokens)')
   p.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
-  p.add_argument('--prompts', type=int, default=2, help='prompts per task per round')
+  p.add_argument('--prompts', type=int, default=4, help='prompts per task per round')
   p.add_argument('--rank', type=int, default=32)
   p.add_argument('--alpha', type=float, default=64.0)
-  p.add_argument('--rounds', type=int, default=3)
+  p.add_argument('--rounds', type=int, default=5)
+  p.add_argument('--remat', action=argparse.BooleanOptionalAction, default=False,
+                 help='block checkpointing on both sides')
   p.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results',
                                                'opd_round_throughput'))
   args = p.parse_args(argv)
+  for point in args.points:
+    name, _, side = point.partition(':')
+    if name not in NETWORKS or not side.isdigit():
+      p.error(f'--points: {point!r} is not network:latent_side with a network from '
+              f'{sorted(NETWORKS)}')
+  import jax
   import torch
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  arrays = batch_arrays(args.size, args.prompts)
-  with tempfile.TemporaryDirectory() as folder:
-    model = make_models(args.size, args.rank, args.alpha, folder)
-    torch_times = time_rounds(torch_round_fn(model, arrays, args.size, args.dtype, device),
-                              args.rounds)
-    del model
-    jax_fn, flops = jax_round_fn(folder, arrays, args.size, args.dtype, args.rank, args.alpha)
-    jax_times = time_rounds(jax_fn, args.rounds)
-  trajectories = 3 * args.prompts
-  import jax
+  points = []
+  for point in args.points:
+    points.append(measure_point(point, args, device))
+    print(json.dumps(points[-1]), flush=True)
   device_kind = jax.devices()[0].device_kind
-  peak = next((v for k, v in PEAK_FLOPS.items() if k in device_kind), None)
-  t_jax, t_torch = float(np.median(jax_times)), float(np.median(torch_times))
   commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True,
                           text=True).stdout.strip()
   result = {
-      'size': args.size, 'dtype': args.dtype, 'prompts_per_task': args.prompts,
-      'trajectories_per_round': trajectories, 'lora_rank': args.rank,
-      'seconds_per_round': {'pytorch': t_torch, 'opd_jax': t_jax},
-      'samples_per_second': {'pytorch': trajectories / t_torch, 'opd_jax': trajectories / t_jax},
-      'speedup_opd_jax_over_pytorch': t_torch / t_jax,
-      'all_round_seconds': {'pytorch': torch_times, 'opd_jax': jax_times},
-      'opd_jax_round_flops': flops,
-      'mfu': (flops / t_jax / peak) if (flops and peak) else None,
+      'points': points, 'dtype': args.dtype, 'remat': args.remat, 'rounds': args.rounds,
+      'prompts_per_task': args.prompts, 'lora_rank': args.rank,
+      'peak_flops': next((v for k, v in PEAK_FLOPS.items() if k in device_kind), None),
       'device': f'{device_kind} ({jax.default_backend()}); torch on {device}',
       'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores',
       'command': 'python benchmarks/opd_round_throughput.py ' +
@@ -259,23 +331,12 @@ def main(argv=None) -> dict:
       'commit': commit,
   }
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  tag = f'{args.out}_{args.size}_{args.dtype}'
+  tag = f'{args.out}_{jax.default_backend()}_{args.dtype}'
   with open(tag + '.json', 'w') as f:
     json.dump(result, f, indent=2)
-  mfu = ('n/a (no accelerator peak known for this device)' if result['mfu'] is None
-         else f'{100 * result["mfu"]:.1f} %')
   with open(tag + '.md', 'w') as f:
-    f.write(f'# OPD round throughput: opd_jax vs PyTorch (diffusers + peft)\n\n'
-            f'Command: `{result["command"]}`  \nCommit: `{commit}`  \n'
-            f'Device: {result["device"]}; machine: {result["machine"]}\n\n'
-            f'{args.size} SD3.5-architecture transformer, {args.dtype}, LoRA r{args.rank}, '
-            f'3 tasks × {args.prompts} prompts, 10-step ODE rollout with CFG, 9 trained steps; '
-            f'median of {args.rounds} rounds after one warm-up round.\n\n'
-            '| implementation | s / round | samples / s |\n|---|---|---|\n'
-            f'| PyTorch (diffusers + peft) | {t_torch:.3f} | {trajectories / t_torch:.2f} |\n'
-            f'| opd_jax | {t_jax:.3f} | {trajectories / t_jax:.2f} |\n\n'
-            f'Speed-up opd_jax / PyTorch: {t_torch / t_jax:.2f}×. MFU: {mfu}.\n')
-  print(json.dumps(result, indent=2))
+    f.write(markdown(result))
+  print(markdown(result))
   return result
 
 

@@ -56,8 +56,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.latent_channels = 16
   c.model.dtype = 'bfloat16'         # network compute; sampler and KL math stay float32
   c.model.param_dtype = 'bfloat16'   # frozen base storage; LoRA master weights are float32
+  # Mixed precision that keeps the small teacher − student gap (benchmarks/precision_gap.py):
+  # bfloat16 matmuls with float32 products, residual streams and output layer.
+  c.model.float32_matmul_output = True
+  c.model.float32_residual = True
+  c.model.float32_output = True
   c.model.remat = True               # one block's activations live in the backward pass
   c.model.remat_policy = ''          # '' : recompute everything; or a jax.checkpoint_policies name
+  c.model.attention = ''             # jax.nn.dot_product_attention: '' (JAX picks), 'xla', 'cudnn'
   c.model.scan_layers = False        # True: lax.scan over runs of identical blocks (faster compile)
   c.lora = sections.lora(32, 64.0)   # student LoRA on the 8 attention projections (spec §5)
 
@@ -106,8 +112,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = sections.mesh()
 
   c.train = sections.train(num_steps=2000, checkpoint_every=100)
-  c.train.num_microbatches = 1       # per task; gradients accumulate in one buffer
-  c.train.timestep_chunks = 1        # trained steps vmapped in this many chunks (memory)
+  # Fits a v5e-8 (16 GiB per chip; benchmarks/tpu_compile.py): the VJP is taken during the
+  # rollout (one trained step's activations at a time) and each task's 3 prompts per device
+  # run as 3 micro-batches. Other topologies: README "Does the round fit a TPU?".
+  c.train.fused_vjp = True
+  c.train.num_microbatches = 3       # per task; gradients accumulate in one buffer
+  c.train.memory_limit_gib = 0.0     # > 0: stop before the first step if a device needs more
+  c.train.timestep_chunks = 1        # two-pass round only: trained steps vmapped in chunks
   c.train.export_peft = True         # EMA student → WORKDIR/student_peft at the end
 
   variant = arg or ''

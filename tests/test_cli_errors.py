@@ -262,6 +262,13 @@ CASES = [
                  id='main-both-batch-sizes'),
     pytest.param(main_case(['--config.train.num_microbatches=2'], 'config.train.num_microbatches'),
                  id='main-microbatches'),
+    # the round is compiled before the first step; one that needs more than a device has stops
+    pytest.param(main_case(['--config.train.memory_limit_gib=0.0001', *CHEAP_ROUND],
+                           'config.train.memory_limit_gib: the compiled OPD round needs', compiles=True),
+                 id='main-round-exceeds-memory'),
+    pytest.param(main_case(['--config.train.fused_vjp=True',
+                            '--config.objective.name=ppo_sampled_logratio'],
+                           'config.train.fused_vjp'), id='main-fused-needs-analytic'),
     # the distributed start-up reads JAX_* variables
     pytest.param(main_case(['--distributed'], 'JAX_NUM_PROCESSES',
                            env={'JAX_NUM_PROCESSES': 'two'}), id='main-bad-num-processes'),

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from opd_jax.data.prompt_source import RandomEmbeddingPrompts
 from opd_jax.opd import aot
@@ -42,3 +43,27 @@ def test_compiled_from_shapes_equals_the_built_round():
   assert memory['alias'] > 0     # the state is donated
   assert memory['total'] == (memory['argument'] + memory['output'] - memory['alias'] +
                              memory['temp'])
+
+
+class _Refused:
+  """A lowered program the compiler refuses, as the TPU compiler does when HBM is short."""
+  def compile(self):
+    raise RuntimeError('RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory '
+                       'in memory space hbm. Used 149.86G of 15.75G hbm.\nmore detail')
+
+
+class _Broken:
+  def compile(self):
+    raise RuntimeError('INTERNAL: a compiler bug')
+
+
+def test_compile_within_memory_turns_a_refused_compile_into_one_line():
+  from opd_jax.errors import ConfigError
+  devices = jax.devices()[:1]
+  with pytest.raises(ConfigError) as e:
+    aot.compile_within_memory(_Refused(), devices)
+  assert 'config.train.num_microbatches' in str(e.value) and '149.86G' in str(e.value)
+  assert '\n' not in str(e.value) and 'train.fused_vjp=True' in str(e.value)
+  with pytest.raises(RuntimeError, match='compiler bug'):   # not a memory error: a bug, re-raised
+    aot.compile_within_memory(_Broken(), devices)
+  assert aot.device_memory_limit(devices) is None           # the CPU runtime states no limit

@@ -16,7 +16,7 @@ checkpoint's config.json) and `rollout.shift` is explicit (no checkpoint is read
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from opd_jax.errors import ConfigError
+from opd_jax.flops import count_flops
 from opd_jax.models.policy import Policy
 from opd_jax.models.registry import build_model
 from opd_jax.opd.config import check_global_batch
@@ -76,18 +78,30 @@ def abstract_round(config, mesh: Mesh, negative: dict) -> AbstractRound:
     student, student_sh = frozen['base'], frozen_sh['base']
   _, _, _, state, round_fn = jit_round(config, round_spec(config, policy), mesh, student,
                                        student_sh, frozen_sh, negative)
-  prompts = check_global_batch(config, batch_axis_size(mesh))
+  batch = abstract_batch(mesh, negative, num_tasks, check_global_batch(config,
+                                                                      batch_axis_size(mesh)))
+  return AbstractRound(round_fn, state, frozen, batch)
+
+
+def abstract_batch(mesh: Mesh, negative: dict, num_tasks: int, prompts: int) -> dict:
+  """ShapeDtypeStructs of one round's batch (`setup.device_batch`'s shapes and shardings):
+  `negative`'s conditioning with [num_tasks, prompts] in front, teacher slots [num_tasks]."""
   batch_sh = batch_shardings(mesh, negative)
-  batch = {'cond': jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct((num_tasks, prompts) + tuple(x.shape[1:]), x.dtype,
+  return {'cond': jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct((num_tasks, prompts) + tuple(np.shape(x)[1:]), x.dtype,
                                         sharding=s), negative, batch_sh['cond']),
       'teacher': jax.ShapeDtypeStruct((num_tasks,), jnp.int32, sharding=batch_sh['teacher'])}
-  return AbstractRound(round_fn, state, frozen, batch)
 
 
 def compile_round(config, mesh: Mesh, negative: dict):
   """The compiled round (`.memory_analysis()`, `.cost_analysis()`, callable on real inputs)."""
   return abstract_round(config, mesh, negative).lower().compile()
+
+
+def round_flops(abstract: AbstractRound) -> int:
+  """Matmul FLOPs of one round over the global batch, counted from its jaxpr with every loop
+  (tasks, micro-batches, sampler steps, scanned blocks) multiplied out (`opd_jax.flops`)."""
+  return count_flops(abstract.round_fn, abstract.state, abstract.frozen, abstract.batch)
 
 
 def memory_per_device(compiled) -> dict:
@@ -98,3 +112,54 @@ def memory_per_device(compiled) -> dict:
                                                                  'temp', 'generated_code')}
   out['total'] = out['argument'] + out['output'] - out['alias'] + out['temp']
   return out
+
+
+GIB = 2 ** 30
+MEMORY_ADVICE = ('train.fused_vjp=True, more train.num_microbatches or train.timestep_chunks, '
+                 'model.remat=True, or more devices on mesh fsdp')
+
+
+def device_memory_limit(devices: Sequence[Any]) -> int | None:
+  """Bytes a device can hold (the runtime's `bytes_limit`; the smallest over `devices`), or
+  None where the runtime does not say (CPU)."""
+  limits = []
+  for d in devices:
+    try:
+      stats = d.memory_stats()
+    except Exception:   # the CPU client has no allocator statistics
+      stats = None
+    if stats and stats.get('bytes_limit'):
+      limits.append(int(stats['bytes_limit']))
+  return min(limits) if limits else None
+
+
+def compile_within_memory(lowered, devices: Sequence[Any], limit_gib: float = 0.0):
+  """Compiles a lowered round and checks, before any step runs, that a device can hold it.
+
+  The limit is `limit_gib` when > 0 (config.train.memory_limit_gib), else the devices' own.
+  A program that needs more — or that the compiler itself refuses for lack of memory (TPU) —
+  raises a ConfigError with one line: the bytes needed, the bytes there, and what to change.
+  Returns the compiled executable (call it instead of the jitted function: no second compile).
+  """
+  try:
+    compiled = lowered.compile()
+  except Exception as e:   # XlaRuntimeError: the TPU compiler refuses what cannot fit
+    message = str(e)
+    if 'RESOURCE_EXHAUSTED' not in message and 'out of memory' not in message.lower():
+      raise
+    first = message.strip().splitlines()[0][:200]
+    raise ConfigError(f'config.train.num_microbatches: the OPD round does not fit a device '
+                      f'({first}); lower the memory per device: {MEMORY_ADVICE}') from None
+  limit = int(limit_gib * GIB) if limit_gib > 0 else device_memory_limit(devices)
+  need = memory_per_device(compiled)['total']
+  if limit is not None and need > limit:
+    field, there = (('config.train.memory_limit_gib', 'allowed') if limit_gib > 0 else
+                    ('config.train.num_microbatches', f'a {devices[0].device_kind} device has'))
+    raise ConfigError(f'{field}: the compiled OPD round needs {_size(need)} per device, more '
+                      f'than the {_size(limit)} {there}; lower the memory per device: '
+                      f'{MEMORY_ADVICE}')
+  return compiled
+
+
+def _size(n: int) -> str:
+  return f'{n / GIB:.2f} GiB' if n >= GIB // 10 else f'{n / 2 ** 20:.1f} MiB'

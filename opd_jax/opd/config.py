@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from opd_jax.errors import ConfigError
 from opd_jax.models.policy import KINDS
-from opd_jax.models.registry import DTYPES, MODELS
+from opd_jax.models.registry import ATTENTION, DTYPES, MODELS
 from opd_jax.objectives import OBJECTIVES
 from opd_jax.objectives.per_step_kl import KL_NORMALISERS, KL_REDUCTIONS
 from opd_jax.sampling.transitions import KERNELS
@@ -49,6 +49,10 @@ def validate(c) -> None:
              f'{m.num_heads} does not divide model.dim={m.dim}')
   if m.name == 'sd3':   # sizes come from the checkpoint's config.json
     cc.choice(m.param_dtype, 'model.param_dtype', DTYPES)
+    cc.choice(m.get('attention', ''), 'model.attention', ATTENTION)
+    for flag in ('float32_matmul_output', 'float32_residual', 'float32_output'):
+      cc.check(isinstance(m.get(flag, False), bool), f'model.{flag}',
+               f'True or False, got {m.get(flag)!r}')
     cc.check(c.base.source == 'diffusers', 'base.source',
              f"model 'sd3' loads its weights from a diffusers folder ('diffusers'), got "
              f'{c.base.source!r}')
@@ -106,6 +110,13 @@ def validate(c) -> None:
            f'{t.timestep_chunks} does not divide the {trained} trained steps')
   cc.check(o.discount == 0 or t.timestep_chunks == 1, 'objective.discount',
            'discounted advantages need all trained steps in one chunk (train.timestep_chunks = 1)')
+  cc.non_negative(t.memory_limit_gib, 'train.memory_limit_gib')
+  cc.check(isinstance(t.fused_vjp, bool), 'train.fused_vjp', f'True or False, got {t.fused_vjp!r}')
+  if t.fused_vjp:
+    cc.check(o.name == 'analytic', 'train.fused_vjp',
+             f"the one-pass gradient is the analytic objective's; objective.name is {o.name!r}")
+    cc.check(t.timestep_chunks == 1, 'train.timestep_chunks',
+             'the fused round takes one trained step at a time; set 1 with train.fused_vjp')
   per = c.data.batch_size or c.data.batch_size_per_device
   cc.check(per % t.num_microbatches == 0, 'train.num_microbatches',
            f'{t.num_microbatches} does not divide the batch ({per} prompts per task'

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from opd_jax.opd import aot
 from opd_jax.opd import config as opd_config
 from opd_jax.opd.setup import OPDSetup, build_opd, device_batch
 from opd_jax.opd.sources import load_inputs
@@ -31,6 +32,7 @@ class OPDTrainer:
   source: Any                      # the prompt source
   fingerprint: dict
   config: ml_collections.ConfigDict
+  round: Any = None                # the round compiled before the first step (None: setup's jit)
   name: str = 'opd'
 
   @property
@@ -47,7 +49,7 @@ class OPDTrainer:
 
   def step(self, state, step: int):
     batch = device_batch(self.setup.mesh, self.source.next_batch(), self.setup.teacher_index)
-    return self.setup.round_fn(state, self.setup.frozen, batch)
+    return (self.round or self.setup.round_fn)(state, self.setup.frozen, batch)
 
   def get_position(self) -> dict:
     return self.source.get_position()
@@ -71,9 +73,15 @@ def prepare(config: ml_collections.ConfigDict, mesh=None) -> OPDTrainer:
   config = inputs.config
   config.data.batch_size, config.data.batch_size_per_device = batch, 0   # resolved, saved
   opd_config.validate(config)   # again: the base may have set the network's sizes
-  setup = build_opd(config, mesh, inputs.prompts.negative(), base_params=inputs.base.params,
+  negative = inputs.prompts.negative()
+  setup = build_opd(config, mesh, negative, base_params=inputs.base.params,
                     teachers=inputs.teachers)
-  return OPDTrainer(setup, inputs.prompts, inputs.fingerprint, config)
+  # Compiled now, from shapes: a round that cannot fit a device stops here, in one line.
+  lowered = setup.round_fn.lower(setup.abstract_state, setup.frozen,
+                                 aot.abstract_batch(mesh, negative, len(config.data.tasks), batch))
+  compiled = aot.compile_within_memory(lowered, list(mesh.devices.flat),
+                                       config.train.memory_limit_gib)
+  return OPDTrainer(setup, inputs.prompts, inputs.fingerprint, config, round=compiled)
 
 
 def train_opd(config: ml_collections.ConfigDict, workdir: str, mesh=None,

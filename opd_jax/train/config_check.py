@@ -31,13 +31,15 @@ from opd_jax.errors import ConfigError
 # Fields that only say how long / how often: a resumed run may change them.
 RUN_LENGTH_FIELDS = ('train.num_steps', 'train.log_every', 'train.checkpoint_every',
                      'train.keep_checkpoints', 'train.async_checkpoints',
-                     'train.allow_changed_config', 'train.export_peft')
+                     'train.allow_changed_config', 'train.export_peft',
+                     'train.memory_limit_gib')
 # Where things are, not what they are: content is compared through input fingerprints.
 LOCATION_FIELDS = ('base.path', 'data.data_dir', 'data.embeddings_dir')
 LOCATION_SUFFIXES = ('.path', '.paths')
 # How the work is laid out on devices: results do not depend on it beyond float tolerance.
 LAYOUT_PREFIXES = ('mesh.',)
-LAYOUT_FIELDS = ('data.batch_size_per_device',)
+LAYOUT_FIELDS = ('data.batch_size_per_device', 'train.num_microbatches', 'train.timestep_chunks',
+                 'train.fused_vjp')
 
 
 def check(ok: bool, field: str, message: str) -> None:
