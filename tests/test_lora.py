@@ -61,3 +61,23 @@ def test_fold_adapter_preserves_the_update():
                         target_scale=8.0 / 4)
   assert fa.shape == (6, 4) and fb.shape == (4, 5)
   np.testing.assert_allclose((8.0 / 4) * fa @ fb, (16.0 / 2) * a @ b, rtol=1e-5)
+
+
+def test_float32_products_keep_a_small_adapter_delta_that_bfloat16_rounds_away():
+  def layer(dtype, out_dtype=None):
+    l = LoRALinear(256, 64, rngs=nnx.Rngs(0), lora_rank=4, lora_alpha=4.0, dtype=dtype,
+                   param_dtype=jnp.bfloat16, out_dtype=out_dtype)
+    l.lora_b[...] = 1e-3 * jax.random.normal(jax.random.PRNGKey(2), (4, 64))
+    return l
+  x = jax.random.normal(jax.random.PRNGKey(3), (32, 256))
+  reference = layer(jnp.float32)
+  delta = reference(x) - (x @ reference.kernel[...].astype(jnp.float32) +
+                          reference.bias[...].astype(jnp.float32))
+  err = {}
+  for name, l in (('bf16', layer(jnp.bfloat16)), ('bf16→f32', layer(jnp.bfloat16, jnp.float32))):
+    y = l(x)
+    assert y.dtype == (jnp.bfloat16 if name == 'bf16' else jnp.float32)
+    base = jnp.matmul(x.astype(jnp.bfloat16), l.kernel[...], preferred_element_type=jnp.float32)
+    got = y.astype(jnp.float32) - base - l.bias[...].astype(jnp.float32)
+    err[name] = float(jnp.linalg.norm(got - delta) / jnp.linalg.norm(delta))
+  assert err['bf16→f32'] < 0.05 < err['bf16'], err
