@@ -127,7 +127,13 @@ def test_options(tmp_path):
     return _forward(base, *args, context_mask=mask)
   mask = jnp.ones((2, 5), bool)
   np.testing.assert_allclose(masked(mask), ref, atol=1e-5)
-  assert float(jnp.abs(masked(mask.at[:, 3:].set(False)) - ref).max()) > 1e-3
+  hidden = masked(mask.at[:, 3:].set(False))
+  assert float(jnp.abs(hidden - ref).max()) > 1e-3
+  # The heads-major einsum attention (config.model.attention='einsum') is the same attention.
+  einsum = load_mmdit(folder, lora_rank=2, lora_alpha=4.0, attention_impl='einsum')
+  np.testing.assert_allclose(_forward(einsum, *args), ref, atol=1e-5)
+  np.testing.assert_allclose(_forward(einsum, *args, context_mask=mask.at[:, 3:].set(False)),
+                             hidden, atol=1e-5)
 
   def value_and_lora_grad(model):
     graphdef, base_state, lora_state = split_model(model)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from opd_jax.models.attention import dot_product_attention
 from opd_jax.models.lora import LoRALinear
 from opd_jax.models.peft_io import RECIPE_LORA_TARGETS, matches_target
 
@@ -248,8 +249,8 @@ class Attention(nnx.Module):
                                           context_bias.dtype), context_bias], axis=-1)
     dtype = self.to_q.dtype   # attention inputs in the compute dtype (logits, softmax: float32)
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
-    out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(dtype),
-                                       implementation=self.attention_impl)
+    out = dot_product_attention(q, k, v, None if bias is None else bias.astype(dtype),
+                                self.attention_impl or '')
     out = out.reshape(out.shape[0], out.shape[1], -1)
     n = x.shape[1]
     img = self.to_out[0](out[:, :n])
@@ -387,8 +388,8 @@ class MMDiT(nnx.Module):
       param_dtype: storage dtype of the base weights (adapters are always float32).
       remat: rematerialise each block in the backward pass (activation memory ∝ 1 block).
       remat_policy: name of a `jax.checkpoint_policies` policy used with `remat`.
-      attention_impl: `jax.nn.dot_product_attention` implementation (None, 'xla', 'cudnn').
-        Whatever the dtype, its logits and softmax are float32.
+      attention_impl: a name in `attention.IMPLEMENTATIONS` (None: JAX chooses). Whatever the
+        dtype, the logits and the softmax are float32.
       float32_residual: with a low-precision `dtype`, keep the two residual streams (image and
         text tokens) in float32; every matmul still runs in `dtype`.
       float32_output: run the output layer (norm_out modulation and proj_out) in float32.

@@ -11,12 +11,11 @@ from typing import Any, Callable
 import jax.numpy as jnp
 from flax import nnx
 
+from opd_jax.models.attention import IMPLEMENTATIONS as ATTENTION
 from opd_jax.models.dit import DiT
 from opd_jax.models.lora import split_model
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-# `jax.nn.dot_product_attention` implementations ('': JAX chooses; 'cudnn': GPU only).
-ATTENTION = ('', 'xla', 'cudnn')
 
 
 def _dit(cfg, rngs, lora) -> nnx.Module:
