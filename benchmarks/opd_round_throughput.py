@@ -17,8 +17,9 @@ PyTorch: `SD3Transformer2DModel` with peft adapters 'student' and 'teacher<k>' s
 `set_adapter`, one backward per trained step (the way the official code bounds memory).
 opd_jax: `opd.setup.build_opd` on the same weights (loaded torch-free from the saved folder) and
 the same teacher LoRAs (PEFT files written by the torch side), one jitted round — timed twice:
-the two-pass round (the reference, the same work as PyTorch's) and the fused round
-(`train.fused_vjp`: the student's VJP taken during the rollout, the 10th rollout step skipped).
+the two-pass round (the reference, the same work as PyTorch's), the fused round
+(`train.fused_vjp`: the student's VJP taken during the rollout, the 10th rollout step skipped),
+and the fused round with the heads-major einsum attention (`model.attention='einsum'`).
 Both sides get the same batch shapes, dtype and block checkpointing (`--remat`: diffusers'
 gradient checkpointing / opd_jax's `model.remat`); timings are the median of `--rounds` rounds
 after one warm-up (compiling) round, all in one process. FLOPs per round are matmul FLOPs
@@ -41,6 +42,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+
+from model_size import SD35_MEDIUM   # noqa: E402
 
 NETWORKS = {
     # 2 blocks (1 with dual attention), 64 wide.
@@ -54,14 +58,11 @@ NETWORKS = {
                   caption_projection_dim=128, pooled_projection_dim=128, pos_embed_max_size=32,
                   dual_attention_layers=(0, 1), qk_norm='rms_norm'),
     # SD3.5-Medium's transformer config (random weights).
-    'sd35m': dict(patch_size=2, in_channels=16, out_channels=16, num_layers=24,
-                  attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
-                  caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
-                  dual_attention_layers=tuple(range(13)), qk_norm='rms_norm'),
+    'sd35m': {k: v for k, v in SD35_MEDIUM.items() if not k.startswith('_') and k != 'sample_size'},
 }
-TEXT_TOKENS = {'tiny': 32, 'small': 32, 'sd35m': 333}
+TEXT_TOKENS = {'tiny': 32, 'small': 32, 'sd35m': 77 + 128}   # SD3.5-M: CLIP + T5 at 128
 # Points `network:latent side`; image tokens = (side / 2)²: 16 → 64, 32 → 256, 64 → 1024.
-CPU_POINTS = ('tiny:16', 'small:16', 'small:32', 'small:48', 'small:64')
+CPU_POINTS = ('tiny:16', 'small:16', 'small:32', 'small:64')
 TASK_CFG = (1.0, 4.5, 4.5)
 STEPS, TRAINED, STUDENT_CFG, SHIFT = 10, 9, 4.5, 3.0
 
@@ -181,7 +182,7 @@ def torch_round_fn(model, arrays: dict, net: dict, dtype: str, device: str, rema
 
 # --- opd_jax -------------------------------------------------------------------------------------
 def jax_round_fn(folder: str, arrays: dict, net: dict, dtype: str, rank: int, alpha: float,
-                 remat: bool, fused: bool):
+                 remat: bool, fused: bool, attention: str):
   """The jitted opd_jax round on the saved weights; returns (run one round, matmul FLOPs)."""
   import jax
   import ml_collections
@@ -198,7 +199,7 @@ def jax_round_fn(folder: str, arrays: dict, net: dict, dtype: str, rank: int, al
   c.model.transformer = ml_collections.ConfigDict(
       {k: list(v) if isinstance(v, tuple) else v for k, v in net.items()})
   c.model.update(latent_size=net['sample_size'], latent_channels=net['in_channels'],
-                 dtype=dtype, param_dtype=dtype, remat=remat)
+                 dtype=dtype, param_dtype=dtype, remat=remat, attention=attention)
   c.lora.update(rank=rank, alpha=alpha)
   c.rollout.shift = SHIFT
   c.train.update(fused_vjp=fused, num_microbatches=1, timestep_chunks=1)
@@ -235,6 +236,11 @@ def time_rounds(fn, rounds: int) -> list[float]:
 
 
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12}   # dense bf16 tensor-core peak (SXM)
+# opd_jax variants timed at every point: label → (train.fused_vjp, model.attention).
+VARIANTS = {'opd_jax': (False, ''), 'opd_jax_fused': (True, ''),
+            'opd_jax_fused_einsum': (True, 'einsum')}
+LABELS = {'opd_jax': 'opd_jax two-pass', 'opd_jax_fused': 'fused',
+          'opd_jax_fused_einsum': 'fused + einsum attention'}
 
 
 def measure_point(point: str, args, device: str) -> dict:
@@ -248,9 +254,9 @@ def measure_point(point: str, args, device: str) -> dict:
                               args.rounds)
     del model
     times, flops = {'pytorch': torch_times}, {}
-    for label, fused in (('opd_jax', False), ('opd_jax_fused', True)):
+    for label, (fused, attention) in VARIANTS.items():
       fn, flops[label] = jax_round_fn(folder, arrays, net, args.dtype, args.rank, args.alpha,
-                                      args.remat, fused)
+                                      args.remat, fused, attention)
       times[label] = time_rounds(fn, args.rounds)
   flops['pytorch'] = flops['opd_jax']
   seconds = {k: float(np.median(v)) for k, v in times.items()}
@@ -273,21 +279,19 @@ def markdown(result: dict) -> str:
          f'{result["rounds"]} rounds after one warm-up round, both sides in one process. '
          'GFLOP: matmul FLOPs per round counted from the opd_jax jaxpr (PyTorch does the '
          'two-pass work).', '',
-         '| network | image tokens | PyTorch s/round | opd_jax s/round | fused s/round | '
-         'opd_jax / PyTorch | fused / PyTorch | GFLOP two-pass | GFLOP fused |',
-         '|---|---|---|---|---|---|---|---|---|']
+         '| network | image tokens | PyTorch s/round | '
+         + ' | '.join(f'{LABELS[k]} s/round (× PyTorch)' for k in VARIANTS)
+         + ' | GFLOP two-pass | GFLOP fused |', '|---|---|---|' + '---|' * (len(VARIANTS) + 2)]
   for r in result['points']:
     s, f, x = r['seconds_per_round'], r['matmul_flops_per_round'], r['speedup_over_pytorch']
     out.append(f'| {r["network"]} | {r["image_tokens"]} | {s["pytorch"]:.3f} | '
-               f'{s["opd_jax"]:.3f} | {s["opd_jax_fused"]:.3f} | {x["opd_jax"]:.2f}× | '
-               f'{x["opd_jax_fused"]:.2f}× | {f["opd_jax"] / 1e9:.1f} | '
-               f'{f["opd_jax_fused"] / 1e9:.1f} |')
+               + ' | '.join(f'{s[k]:.3f} ({x[k]:.2f}×)' for k in VARIANTS)
+               + f' | {f["opd_jax"] / 1e9:.1f} | {f["opd_jax_fused"] / 1e9:.1f} |')
   if peak:
     out += ['', 'MFU (matmul FLOPs / s / bf16 peak): ' + '; '.join(
-        f'{r["point"]}: PyTorch {100 * r["matmul_flops_per_round"]["pytorch"] / r["seconds_per_round"]["pytorch"] / peak:.1f} %, '
-        f'opd_jax {100 * r["matmul_flops_per_round"]["opd_jax"] / r["seconds_per_round"]["opd_jax"] / peak:.1f} %, '
-        f'fused {100 * r["matmul_flops_per_round"]["opd_jax_fused"] / r["seconds_per_round"]["opd_jax_fused"] / peak:.1f} %'
-        for r in result['points'])]
+        f'{r["point"]}: ' + ', '.join(
+            f'{LABELS.get(k, k)} {100 * r["matmul_flops_per_round"][k] / r["seconds_per_round"][k] / peak:.1f} %'
+            for k in r['seconds_per_round']) for r in result['points'])]
   return '\n'.join(out) + '\n'
 
 
