@@ -267,7 +267,8 @@ CASES = [
                            'config.train.memory_limit_gib: the compiled OPD round needs', compiles=True),
                  id='main-round-exceeds-memory'),
     pytest.param(main_case(['--config.train.fused_vjp=True',
-                            '--config.objective.name=ppo_sampled_logratio'],
+                            '--config.objective.name=ppo_sampled_logratio',
+                            '--config.rollout.kernel=flow_grpo', '--config.rollout.noise_level=0.7'],
                            'config.train.fused_vjp'), id='main-fused-needs-analytic'),
     # the distributed start-up reads JAX_* variables
     pytest.param(main_case(['--distributed'], 'JAX_NUM_PROCESSES',
