@@ -49,7 +49,8 @@ class OPDTrainer:
 
   def step(self, state, step: int):
     batch = device_batch(self.setup.mesh, self.source.next_batch(), self.setup.teacher_index)
-    return (self.round or self.setup.round_fn)(state, self.setup.frozen, batch)
+    round_fn = self.setup.round_fn if self.round is None else self.round
+    return round_fn(state, self.setup.frozen, batch)
 
   def get_position(self) -> dict:
     return self.source.get_position()
