@@ -317,13 +317,13 @@ def main(argv=None) -> dict:
   import jax
   import torch
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()   # the code being measured: read it first
   points = []
   for point in args.points:
     points.append(measure_point(point, args, device))
     print(json.dumps(points[-1]), flush=True)
   device_kind = jax.devices()[0].device_kind
-  commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip()
   result = {
       'points': points, 'dtype': args.dtype, 'remat': args.remat, 'rounds': args.rounds,
       'prompts_per_task': args.prompts, 'lora_rank': args.rank,

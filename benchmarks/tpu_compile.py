@@ -163,14 +163,14 @@ def main(argv=None) -> list[dict]:
   p.add_argument('--out_dir', default=os.path.join(ROOT, 'benchmarks', 'results'))
   args = p.parse_args(argv)
   transformer, latent = (QUICK, 16) if args.quick else (SD35_MEDIUM, 64)
+  commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()   # the code being measured: read it first
   pairs = ([tuple(p.split('/')) for p in args.pairs] if args.pairs else
            [(t, o) for t in args.topologies for o in args.options])
   rows = []
   for topology, option in pairs:
     rows.append(measure(topology, option, transformer, args.scan_layers, latent))
     print(json.dumps(rows[-1]), flush=True)
-  commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip()
   from importlib import metadata
   meta = {'model': 'tiny 2-block MMDiT (--quick)' if args.quick else 'SD3.5-Medium',
           'latent': latent, 'image_tokens': (latent // transformer['patch_size']) ** 2,

@@ -67,3 +67,19 @@ def test_compile_within_memory_turns_a_refused_compile_into_one_line():
   with pytest.raises(RuntimeError, match='compiler bug'):   # not a memory error: a bug, re-raised
     aot.compile_within_memory(_Broken(), devices)
   assert aot.device_memory_limit(devices) is None           # the CPU runtime states no limit
+
+
+@pytest.mark.parametrize('fused', [False, True])
+def test_fsdp_keeps_the_activations_batch_sharded(fused):
+  """On an fsdp-only mesh a device holds about what one device holds for its share of the batch
+  (without `Policy.batch_sharding` XLA kept the activations replicated over fsdp: ~3×)."""
+  temps = []
+  for devices in (1, 8):
+    c = tiny_config(**{'train.fused_vjp': fused})
+    c.model.latent_size = 16
+    c.data.batch_size, c.data.batch_size_per_device = 8 * devices, 0
+    negative = RandomEmbeddingPrompts(3, 8, c.data.context_length, c.model.context_dim,
+                                      c.model.pooled_dim, 4, seed=0).negative()
+    compiled = aot.compile_round(c, mesh_of(1, devices), negative)
+    temps.append(aot.memory_per_device(compiled)['temp'])
+  assert temps[1] < 1.3 * temps[0], temps

@@ -58,7 +58,8 @@ def abstract_round(config, mesh: Mesh, negative: dict) -> AbstractRound:
   graphdef, base_state, lora_state = build_model(
       m, abstract=True, seed=config.seed, lora_rank=l.rank, lora_alpha=l.alpha,
       lora_init=l.init)
-  policy = Policy(graphdef, config.student.kind, config.teachers.kind)
+  policy = Policy(graphdef, config.student.kind, config.teachers.kind,
+                  batch_sharding=shd.batch_sharding(mesh, 1))
   negative = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), negative)
   num_tasks = len(config.data.tasks)
   frozen_sh = frozen_shardings(config, mesh, base_state, lora_state, negative)

@@ -96,7 +96,8 @@ def build_opd(config, mesh: Mesh, negative: dict, *, base_params: dict | None = 
       lora_init=l.init)
   if loaded:
     lora_state = init_lora_state(lora_state, seed=config.seed, init=l.init)
-  policy = Policy(graphdef, config.student.kind, config.teachers.kind)
+  policy = Policy(graphdef, config.student.kind, config.teachers.kind,
+                  batch_sharding=shd.batch_sharding(mesh, 1))
   base = base_params if loaded else nnx.to_pure_dict(base_state)
   teacher_tasks = tuple(config.data.tasks)   # slot k holds the teacher of data.tasks[k]
   num_teachers = len(teacher_tasks)
