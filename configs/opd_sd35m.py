@@ -14,8 +14,9 @@ per task with their own CFG scale, and the prompt cache comes from
 paths stop the run with one line naming the field. The trained EMA student is exported in PEFT
 format to WORKDIR/student_peft (diffusers + peft load it).
 
-Variants: `sde` (the SDE ablation: Flow-GRPO kernel, a = 0.7), `single:<task>` (single-teacher
-OPD on one task, e.g. single:text). The batch is 3 prompts per task per device (8 devices → 72
+Variants (comma-separated): `sde` (the SDE ablation: Flow-GRPO kernel, a = 0.7),
+`single:<task>` (single-teacher OPD on one task, e.g. single:text), and a TPU generation
+`v4`, `v5e` (the default), `v6e`, `v5p` setting the micro-batches that fit its HBM. The batch is 3 prompts per task per device (8 devices → 72
 trajectories a round, as released) or, with --config.data.batch_size=24
 --config.data.batch_size_per_device=0, 24 per task whatever the device count.
 """
@@ -26,6 +27,9 @@ from configs import sections
 
 TASKS = ('composition', 'text', 'aesthetics')     # GenEval, OCR, PickScore prompt sets
 TEACHER_CFG = {'composition': 1.0, 'text': 4.5, 'aesthetics': 4.5}   # GenEval teacher: CFG-free
+# Micro-batches per task that fit each TPU generation at 3 prompts per task per device
+# (benchmarks/results/tpu_compile.md): 16 GiB chips need 3, v6e (32 GiB) and v5p (95 GiB) fit 1.
+MICROBATCHES = {'v4': 3, 'v5e': 3, 'v6e': 1, 'v5p': 1}
 
 
 def teachers(tasks) -> ml_collections.ConfigDict:
@@ -121,19 +125,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.timestep_chunks = 1        # two-pass round only: trained steps vmapped in chunks
   c.train.export_peft = True         # EMA student → WORKDIR/student_peft at the end
 
-  variant = arg or ''
-  if variant == 'sde':
-    c.rollout.kernel = 'flow_grpo'
-    c.rollout.noise_level = 0.7
-  elif variant.startswith('single:'):
-    task = variant.split(':', 1)[1]
-    if task not in TASKS:
-      raise ValueError(f'configs/opd_sd35m.py: single:<task> with a task from {TASKS}, got '
-                       f'{task!r}')
-    c.data.tasks = (task,)
-    c.teachers = teachers((task,))
-    c.ema.updates_per_step = 1
-  elif variant:
-    raise ValueError(f'configs/opd_sd35m.py: unknown variant {variant!r}; expected sde or '
-                     'single:<task>')
+  for variant in filter(None, (arg or '').split(',')):
+    if variant == 'sde':
+      c.rollout.kernel = 'flow_grpo'
+      c.rollout.noise_level = 0.7
+    elif variant.startswith('single:'):
+      task = variant.split(':', 1)[1]
+      if task not in TASKS:
+        raise ValueError(f'configs/opd_sd35m.py: single:<task> with a task from {TASKS}, got '
+                         f'{task!r}')
+      c.data.tasks = (task,)
+      c.teachers = teachers((task,))
+      c.ema.updates_per_step = 1
+    elif variant in MICROBATCHES:
+      c.train.num_microbatches = MICROBATCHES[variant]
+    else:
+      raise ValueError(f'configs/opd_sd35m.py: unknown variant {variant!r}; expected sde, '
+                       f'single:<task> or a TPU generation {sorted(MICROBATCHES)}')
   return c

@@ -123,3 +123,15 @@ def test_cli_runs_a_single_rl_stage_config_and_needs_its_base(tmp_path):
   proc = run_main('configs/mini/grpo.py:text,smoke', tmp_path, timeout=300)
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith('error: config.base.path')
+
+
+def test_sd35m_tpu_variants_set_the_micro_batches_that_fit():
+  from configs import opd_sd35m
+  assert opd_sd35m.get_config().train.num_microbatches == 3          # v5e-8 (16 GiB chips)
+  assert opd_sd35m.get_config('v6e').train.num_microbatches == 1
+  combined = opd_sd35m.get_config('sde,v5p')
+  assert combined.rollout.kernel == 'flow_grpo' and combined.train.num_microbatches == 1
+  for variant in ('', 'v4', 'v6e', 'sde,v6e'):
+    validate_opd_config(opd_sd35m.get_config(variant))
+  with pytest.raises(ValueError, match='unknown variant'):
+    opd_sd35m.get_config('v7')
