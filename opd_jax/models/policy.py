@@ -29,8 +29,8 @@ class Policy:
   `batch_sharding` (a NamedSharding splitting the leading axis over the mesh's batch axes, or
   None) pins the network's inputs and output to batch sharding. Without it XLA may keep the
   activations of an fsdp-sharded network replicated over the fsdp axis — measured: 3× the
-  per-device temporaries of a data-parallel mesh on 8 CPU devices, and a v5e-64 round that
-  did not fit (`tests/test_opd_aot.py`).
+  per-device temporaries of one device with the same share of the batch, on 8 CPU devices
+  (`tests/test_opd_aot.py`).
   """
   graphdef: Any
   student_kind: str = 'lora'
