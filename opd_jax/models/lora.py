@@ -69,15 +69,7 @@ class LoRALinear(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
-    if self.out_dtype is None or self.out_dtype == self.dtype:
-      y = x @ self.kernel[...].astype(self.dtype)
-      if self.lora_rank:
-        delta = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
-        y = y + self.lora_scale * delta
-      if self.bias is not None:
-        y = y + self.bias[...].astype(self.dtype)
-      return y
-    out = self.out_dtype
+    out = self.out_dtype or self.dtype
     y = jnp.matmul(x, self.kernel[...].astype(self.dtype), preferred_element_type=out)
     if self.lora_rank:
       xa = jnp.matmul(x, self.lora_a[...].astype(self.dtype), preferred_element_type=out)
