@@ -164,6 +164,11 @@ class _Linears:
     self.targets, self.dtype, self.param_dtype = targets, dtype, param_dtype
     self.out_dtype = out_dtype
 
+  def in_float32(self) -> '_Linears':
+    """The same builder computing in float32 (same parameters, same RNG stream)."""
+    return _Linears(self.rngs, rank=self.rank, alpha=self.alpha, init=self.init,
+                    targets=self.targets, dtype=jnp.float32, param_dtype=self.param_dtype)
+
   def __call__(self, path: str, din: int, dout: int, axes: tuple) -> LoRALinear:
     """`path` is the layer's diffusers module name (what PEFT's target_modules match)."""
     rank = self.rank if self.rank and matches_target(path, self.targets) else 0
@@ -425,9 +430,7 @@ class MMDiT(nnx.Module):
                               attention_impl=attention_impl, param_dtype=param_dtype)
         for i in range(config.num_layers)])
     self.float32_residual = float32_residual
-    out_lin = (_Linears(rngs, rank=lora_rank, alpha=lora_alpha, init=lora_init,
-                        targets=self.lora_targets, dtype=jnp.float32, param_dtype=param_dtype)
-               if float32_output else lin)
+    out_lin = lin.in_float32() if float32_output else lin
     self.norm_out = AdaModulation('norm_out', dim, 2, out_lin)
     p = config.patch_size
     self.proj_out = out_lin('proj_out', dim, p * p * config.output_channels, ('embed', None))
