@@ -69,6 +69,11 @@ def _split_microbatches(tree: Any, n: int) -> Any:
   return jax.tree.map(split, tree)
 
 
+def _sample_weight(spec: RoundSpec, batch: int) -> float:
+  """Each sample's share of the task loss: 1/B, and 1/T when steps are averaged."""
+  return 1.0 / batch / (spec.num_train_steps if spec.time_reduction == 'mean' else 1)
+
+
 def task_loss_and_grad(spec: RoundSpec, params: Any, frozen: dict, cond: dict,
                        teacher: jax.Array, keys: jax.Array):
   """Rollout + teacher scoring + gradient for one micro-batch of one task.
@@ -89,7 +94,7 @@ def task_loss_and_grad(spec: RoundSpec, params: Any, frozen: dict, cond: dict,
   teacher_cfg = frozen['teacher_cfg'][teacher]
   objective = get_objective(spec.objective)
   steps = jnp.arange(spec.num_train_steps).reshape(spec.timestep_chunks, -1)
-  weight = 1.0 / batch / (spec.num_train_steps if spec.time_reduction == 'mean' else 1)
+  weight = _sample_weight(spec, batch)
 
   def chunk(grad_acc, step_idx):
     def loss_fn(p):
@@ -130,7 +135,7 @@ def fused_task_loss_and_grad(spec: RoundSpec, params: Any, frozen: dict, cond: d
   teacher_velocity = policy.teacher_velocity(teacher, frozen, params)
   teacher_cfg = frozen['teacher_cfg'][teacher]
   deterministic = is_deterministic(spec.kernel)
-  weight = 1.0 / batch / (trained if spec.time_reduction == 'mean' else 1)
+  weight = _sample_weight(spec, batch)
 
   def step(carry, inputs):
     x, grad_acc = carry
