@@ -192,7 +192,7 @@ def jax_round_fn(folder: str, arrays: dict, net: dict, dtype: str, rank: int, al
   from opd_jax.models.lora import split_model
   from opd_jax.models.peft_io import load_lora_adapter
   from opd_jax.models.registry import DTYPES, make_module
-  from opd_jax.opd import aot
+  from opd_jax.flops import count_flops
   from opd_jax.opd.setup import build_opd, device_batch
   from opd_jax.parallel.mesh import make_mesh
   c = get_config()
@@ -216,8 +216,8 @@ def jax_round_fn(folder: str, arrays: dict, net: dict, dtype: str, rank: int, al
   setup = build_opd(c, mesh, negative, base_params=base, teachers=teachers)
   batch = device_batch(mesh, {'context': arrays['context'], 'pooled': arrays['pooled']},
                        setup.teacher_index)
-  flops = aot.round_flops(aot.abstract_round(c, mesh, negative))
   box = {'state': setup.init_state()}
+  flops = count_flops(setup.round_fn, box['state'], setup.frozen, batch)   # traced, not run
 
   def one_round():
     box['state'], metrics = setup.round_fn(box['state'], setup.frozen, batch)
