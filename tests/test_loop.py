@@ -235,8 +235,10 @@ def test_non_finite_step_is_never_saved_and_a_rerun_resumes_before_it(
 ])
 def test_resume_with_a_changed_field_fails_naming_it(uninterrupted, tmp_path, field, change):
   workdir = shutil.copytree(uninterrupted['workdir'], tmp_path / 'run')
+  trainer = prepare(_config(**change), mesh_of(1))
   with pytest.raises(ConfigError, match=rf'config\.{re.escape(field)}: .*allow_changed_config'):
-    _train(_config(**change), workdir)
+    loop.run(trainer, trainer.config, str(workdir))
+  assert trainer.round is None      # refused before the round was compiled
   assert _steps(workdir) == [CUT, STEPS]
 
 
@@ -317,9 +319,11 @@ def test_every_checkpoint_damaged_is_one_checkpoint_error(uninterrupted, tmp_pat
 
 # --- the command line ------------------------------------------------------------------------
 CLI_CONFIG = 'configs/mini/opd.py:standin,smoke'
-CLI_STEPS = 150        # ~20 ms a step: seconds of margin to signal a run mid-way
+CLI_STEPS = 300        # ~16 ms a step: seconds of margin to signal a run mid-way
 CLI_ARGS = (f'--config.train.num_steps={CLI_STEPS}',
-            '--config.train.checkpoint_every=100000')   # only the stop and the end save
+            '--config.train.checkpoint_every=100000',   # only the stop and the end save
+            # the cheapest round to compile and run: a 2-step rollout, one trained step
+            '--config.rollout.num_steps=2', '--config.objective.timestep_fraction=0.5')
 
 
 @pytest.fixture(scope='module')

@@ -32,7 +32,8 @@ class OPDTrainer:
   source: Any                      # the prompt source
   fingerprint: dict
   config: ml_collections.ConfigDict
-  round: Any = None                # the round compiled before the first step (None: setup's jit)
+  batch: int                       # global prompts per task
+  round: Any = None                # the compiled round (`compile`; None: setup's jit)
   name: str = 'opd'
 
   @property
@@ -46,6 +47,18 @@ class OPDTrainer:
 
   def init_state(self):
     return self.setup.init_state()
+
+  def compile(self) -> None:
+    """Compiles the round from shapes (`opd.aot`): a round that cannot fit a device stops here,
+    in one line, before any step; the loop then calls this executable (no second compile)."""
+    if self.round is not None:
+      return
+    s = self.setup
+    negative = self.source.negative()
+    lowered = s.round_fn.lower(s.abstract_state, s.frozen, aot.abstract_batch(
+        s.mesh, negative, len(self.config.data.tasks), self.batch))
+    self.round = aot.compile_within_memory(lowered, list(s.mesh.devices.flat),
+                                           self.config.train.memory_limit_gib)
 
   def step(self, state, step: int):
     batch = device_batch(self.setup.mesh, self.source.next_batch(), self.setup.teacher_index)
@@ -66,7 +79,8 @@ class OPDTrainer:
 
 
 def prepare(config: ml_collections.ConfigDict, mesh=None) -> OPDTrainer:
-  """Validates the config, loads the inputs and builds the sharded round (no step run)."""
+  """Validates the config, loads the inputs and builds the sharded round (nothing compiled or
+  run yet: `OPDTrainer.compile`, which the loop calls after its resume checks)."""
   opd_config.validate(config)
   mesh = mesh or make_mesh(config.mesh.shape.to_dict())
   batch = opd_config.check_global_batch(config, batch_axis_size(mesh))
@@ -77,12 +91,7 @@ def prepare(config: ml_collections.ConfigDict, mesh=None) -> OPDTrainer:
   negative = inputs.prompts.negative()
   setup = build_opd(config, mesh, negative, base_params=inputs.base.params,
                     teachers=inputs.teachers)
-  # Compiled now, from shapes: a round that cannot fit a device stops here, in one line.
-  lowered = setup.round_fn.lower(setup.abstract_state, setup.frozen,
-                                 aot.abstract_batch(mesh, negative, len(config.data.tasks), batch))
-  compiled = aot.compile_within_memory(lowered, list(mesh.devices.flat),
-                                       config.train.memory_limit_gib)
-  return OPDTrainer(setup, inputs.prompts, inputs.fingerprint, config, round=compiled)
+  return OPDTrainer(setup, inputs.prompts, inputs.fingerprint, config, batch)
 
 
 def train_opd(config: ml_collections.ConfigDict, workdir: str, mesh=None,

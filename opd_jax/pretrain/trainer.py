@@ -176,6 +176,9 @@ class PretrainTrainer:
   name: str = 'pretrain'
   metric_names: dict = dataclasses.field(default_factory=dict)
 
+  def compile(self) -> None:
+    """Nothing ahead of time: the jitted functions compile at the first step."""
+
   def step(self, state, step: int):
     return self.step_fn(state, jax.device_put(self.data.batch(step), self.batch_shardings))
 

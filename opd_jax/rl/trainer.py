@@ -56,6 +56,9 @@ class RLTrainer:
   def init_state(self):
     return self.setup.init_state()
 
+  def compile(self) -> None:
+    """Nothing ahead of time: the jitted functions compile at the first step."""
+
   def step(self, state, step: int):
     c = self.config
     tasks = list(c.data.tasks)

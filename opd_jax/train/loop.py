@@ -8,6 +8,8 @@ fingerprints of its inputs — and `run` does the rest the same way for all of t
     saved config differs only in run-length fields and that the inputs (base, teachers) hold
     the same content (`train.allow_changed_config` overrides both); the data position, the
     cumulative training seconds and the probe history come back with the state;
+  * the trainer's step compiled before the first one (`Trainer.compile`), after those checks:
+    a refused resume costs no compile, a program too big for a device stops before any step;
   * a progress bar; metrics.jsonl + TensorBoard, one row per logged step, none duplicated after
     a resume (`MetricWriter`);
   * the host reads metrics only on log and checkpoint steps, and stops with `NonFiniteError`
@@ -44,6 +46,10 @@ class Trainer(Protocol):
   metric_names: Mapping[str, Sequence[str]]       # labels of array metrics (flatten_metrics)
 
   def init_state(self) -> Any: ...
+  def compile(self) -> None:
+    """Compiles the step before the first one runs (or does nothing where the first step
+    compiles it); may raise ConfigError (e.g. a program that cannot fit a device). The loop calls
+    it after the resume checks, so a refused resume costs no compile."""
   def step(self, state: Any, step: int) -> tuple[Any, dict]:
     """One training step; metrics must hold 'loss' and 'finite' (device or host values)."""
   def get_position(self) -> dict: ...
@@ -97,11 +103,13 @@ def run(trainer: Trainer, config, workdir: str, probe: Probe | None = None,
     if saved_config is not None:
       _check_resume(ckpt, config, fingerprint, None, saved_config)
     restored = ckpt.restore(trainer.abstract_state)
+    if restored is not None:
+      _check_resume(ckpt, config, fingerprint, restored.loop, None)
+    trainer.compile()
   except BaseException:
     ckpt.close()
     raise
   if restored is not None:
-    _check_resume(ckpt, config, fingerprint, restored.loop, None)
     state, start = restored.state, restored.step
     trainer.set_position(restored.loop['position'])
     clock.offset = float(restored.loop.get('train_seconds', 0.0))
