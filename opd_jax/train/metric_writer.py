@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Mapping, Sequence
 
 import jax
@@ -49,6 +50,23 @@ def read_metrics(workdir: str) -> list[dict]:
   return rows
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter (imported on first use: only process 0 writes events), without
+  torch: tensorboardX imports torch when it is installed, only to accept torch tensors, and that
+  import alone costs seconds of every run's start-up. A None entry in sys.modules makes that
+  optional import fail at once (tensorboardX then takes numpy arrays and floats, all we log);
+  the entry is removed again, so torch still imports normally afterwards."""
+  if 'torch' in sys.modules or 'tensorboardX' in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules['torch'] = None
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
+
+
 class MetricWriter:
 
   def __init__(self, workdir: str, start_step: int = 0, enabled: bool | None = None):
@@ -63,8 +81,7 @@ class MetricWriter:
         f.writelines(json.dumps(r) + '\n' for r in kept)
       os.replace(path + '.tmp', path)
       self._jsonl = open(path, 'a')
-      from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes events
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=start_step + 1)
+      self._tb = _summary_writer_class()(os.path.join(workdir, 'tensorboard'), purge_step=start_step + 1)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
