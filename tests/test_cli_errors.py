@@ -7,10 +7,14 @@ and `opd_jax.tools.encode_prompts` — must end with ONE stderr line that starts
 names the field, file or path to fix, a non-zero exit status, and no traceback (tracebacks are
 for bugs; `--traceback` shows them).
 
-Each case is a real subprocess, as a user runs it, on inputs written to its own directory. The
-cases fail before any compile wherever the error allows (validation, file checks), so each costs
-about one interpreter start; the subprocesses of the selected cases run two at a time in a
-module-scoped fixture and each case is still reported on its own.
+Each case is a process of its own running the command line as `python -m` does, on inputs
+written to its own directory: a child forked from a server that imported jax, flax and the other
+libraries once (`cli_testing.ForkServer`; the command's own module is run afresh as __main__ in
+the child), so a case costs its own work rather than an interpreter start and a jax import.
+`test_a_fresh_interpreter_prints_the_same_line` checks one case against a real `python -m`
+subprocess. The cases fail before any compile wherever the error allows (validation, file
+checks); the selected cases run two at a time in a module-scoped fixture and each case is still
+reported on its own.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import concurrent.futures
 import dataclasses
 import json
 import pathlib
+import queue
 import shutil
 import subprocess
 import sys
@@ -28,7 +33,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from cli_testing import ROOT, child_env, main_command
+from cli_testing import ROOT, ForkServer, child_env, main_command
 
 SMOKE = 'configs/mini/opd.py:standin,smoke'    # random base/teachers/prompts: no files needed
 # The cheapest OPD round to compile: a 2-step rollout with one trained step.
@@ -411,12 +416,18 @@ def _command(case: Case, d: pathlib.Path) -> list[str]:
   return [sys.executable, '-m', module, *args]
 
 
-def _run(case: Case, d: pathlib.Path) -> subprocess.CompletedProcess:
+def _run(case: Case, d: pathlib.Path, servers: queue.Queue) -> subprocess.CompletedProcess:
   d.mkdir(parents=True)
   if case.setup is not None:
     case.setup(d)
-  return subprocess.run(_command(case, d), cwd=ROOT, env=dict(child_env(case.devices), **case.env),
-                        capture_output=True, text=True, timeout=TIMEOUT)
+  command = _command(case, d)
+  assert command[1] == '-m', command
+  server = servers.get()
+  try:
+    return server.run(command[2], command[3:], dict(child_env(case.devices), **case.env), d,
+                      timeout=TIMEOUT)
+  finally:
+    servers.put(server)
 
 
 def _case_id(item) -> str | None:
@@ -429,13 +440,18 @@ def results(request, tmp_path_factory):
   """case id → (its directory, future of its CompletedProcess), for the selected cases."""
   params = {p.id: p.values[0] for p in CASES}
   selected = {_case_id(item) for item in request.session.items
-              if item.module is sys.modules[__name__]} & set(params)
+              if item.module is sys.modules[__name__]} & set(params) | {'main-bad-enum'}
   root = tmp_path_factory.mktemp('cli_errors')
+  servers = queue.Queue()
+  for _ in range(2):
+    servers.put(ForkServer(child_env(1)))
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
   order = sorted(sorted(selected), key=lambda i: not params[i].compiles)   # slow ones first
-  out = {i: (root / i, pool.submit(_run, params[i], root / i)) for i in order}
+  out = {i: (root / i, pool.submit(_run, params[i], root / i, servers)) for i in order}
   yield out
   pool.shutdown(wait=True, cancel_futures=True)
+  while not servers.empty():
+    servers.get().close()
 
 
 @pytest.mark.parametrize('case', CASES)
@@ -448,3 +464,16 @@ def test_user_error_is_one_line(case, results, request):
   assert not any('Traceback' in line for line in lines), where
   assert lines[-1].startswith('error:'), where
   assert case.names.replace('{d}', str(d)) in lines[-1], where
+
+
+def test_a_fresh_interpreter_prints_the_same_line(results, tmp_path):
+  """The fork server's children behave as a fresh `python -m` process does (one case)."""
+  case = next(p.values[0] for p in CASES if p.id == 'main-bad-enum')
+  d = tmp_path / 'fresh'
+  d.mkdir()
+  fresh = subprocess.run(_command(case, d), cwd=ROOT, env=child_env(case.devices),
+                         capture_output=True, text=True, timeout=TIMEOUT)
+  _, future = results['main-bad-enum']
+  forked = future.result()
+  assert (fresh.returncode, fresh.stderr.splitlines()[-1:]) == (
+      forked.returncode, forked.stderr.splitlines()[-1:])

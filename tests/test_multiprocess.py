@@ -17,7 +17,9 @@ from cli_testing import ROOT, child_env, main_command, run_main
 
 CONFIG = 'configs/mini/opd.py:standin,smoke'
 FLAGS = ('--config.data.batch_size_per_device=1', '--config.train.checkpoint_every=2',
-         '--config.train.async_checkpoints=False')
+         '--config.train.async_checkpoints=False',
+         # the cheapest round to compile: a 2-step rollout with one trained step
+         '--config.rollout.num_steps=2', '--config.objective.timestep_fraction=0.5')
 
 
 def _free_port() -> int:
