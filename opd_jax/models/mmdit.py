@@ -30,6 +30,7 @@ from flax import nnx
 from opd_jax.models.attention import dot_product_attention
 from opd_jax.models.lora import LoRALinear
 from opd_jax.models.peft_io import RECIPE_LORA_TARGETS, matches_target
+from opd_jax.parallel.sharding import constrain_batch
 
 # NNX module path → diffusers module path. diffusers' FeedForward keeps its layers in a
 # ModuleList with a Dropout at index 1 (`net.0.proj`, `net.2`); we name them directly.
@@ -466,8 +467,8 @@ class MMDiT(nnx.Module):
     policy = getattr(jax.checkpoint_policies, self.remat_policy) if self.remat_policy else None
     for graphdef, states in runs:
       def body(carry, state, graphdef=graphdef):
-        c, h = carry
-        return nnx.merge(graphdef, state)(h, c, temb, bias), None
+        c, h = constrain_batch(carry)
+        return constrain_batch(nnx.merge(graphdef, state)(h, c, temb, bias)), None
       if self.remat:
         body = jax.checkpoint(body, policy=policy)
       if len(states) == 1:   # e.g. the context_pre_only block, whose context output is None
@@ -502,6 +503,7 @@ class MMDiT(nnx.Module):
     ctx = self.context_embedder(context)
     if self.float32_residual:
       hidden, ctx = hidden.astype(jnp.float32), ctx.astype(jnp.float32)
+    hidden, ctx, temb = constrain_batch((hidden, ctx, temb))
     bias = None
     if context_mask is not None:
       bias = jnp.where(context_mask.astype(bool), 0.0, -1e9).astype(self.dtype)[:, None, None]
@@ -514,6 +516,7 @@ class MMDiT(nnx.Module):
           ctx, hidden = self._rematerialised(block, hidden, ctx, temb, bias)
         else:
           ctx, hidden = block(hidden, ctx, temb, bias)
+        ctx, hidden = constrain_batch((ctx, hidden))
 
     scale, shift = self.norm_out(temb)
     out = self.proj_out(modulate(layer_norm(hidden), shift, scale))

@@ -17,6 +17,7 @@ import jax
 from flax import nnx
 
 from opd_jax.models.lora import select_adapter, zeros_like_adapter
+from opd_jax.parallel.sharding import batch_sharded_activations, constrain_batch
 from opd_jax.sampling.guidance import VelocityFn
 
 KINDS = ('lora', 'full')
@@ -27,9 +28,10 @@ class Policy:
   """Binds a graphdef to parameter pytrees. Static (hashable) so it can close over jit.
 
   `batch_sharding` (a NamedSharding splitting the leading axis over the mesh's batch axes, or
-  None) pins the network's inputs and output to batch sharding. Without it XLA may keep the
-  activations of an fsdp-sharded network replicated over the fsdp axis — measured: 3× the
-  per-device temporaries of one device with the same share of the batch, on 8 CPU devices
+  None) pins the network's inputs, output and — inside the network, where it calls
+  `parallel.sharding.constrain_batch` — its residual streams to batch sharding. Without it XLA
+  may keep the activations of an fsdp-sharded network replicated over the fsdp axis — measured:
+  3× the per-device temporaries of one device with the same share of the batch, on 8 CPU devices
   (`tests/test_opd_aot.py`).
   """
   graphdef: Any
@@ -40,15 +42,11 @@ class Policy:
   def velocity(self, base: Any, adapter: Any) -> VelocityFn:
     graphdef, sharding = self.graphdef, self.batch_sharding
 
-    def pin(tree):
-      if sharding is None:
-        return tree
-      return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), tree)
-
     def fn(x, timestep, cond):
       model = nnx.merge(graphdef, base, adapter)
-      x, timestep, cond = pin((x, timestep, cond))
-      return pin(model(x, timestep, **cond))
+      with batch_sharded_activations(sharding):
+        x, timestep, cond = constrain_batch((x, timestep, cond))
+        return constrain_batch(model(x, timestep, **cond))
     return fn
 
   def zero_adapter(self, student_params: Any, frozen: dict) -> Any:

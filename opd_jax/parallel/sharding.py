@@ -9,7 +9,9 @@ mirror them, so their shardings follow via `optax.tree_map_params`.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import contextlib
+import contextvars
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 from flax import nnx
@@ -96,3 +98,34 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0,
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+# The batch sharding of the network being traced (set by `batch_sharded_activations`).
+_ACTIVATION_BATCH: contextvars.ContextVar = contextvars.ContextVar('opd_jax_activation_batch',
+                                                                  default=None)
+
+
+@contextlib.contextmanager
+def batch_sharded_activations(sharding: NamedSharding | None) -> Iterator[None]:
+  """While a network is traced inside it, `constrain_batch` pins activations to `sharding` (the
+  leading axis over the batch axes, `batch_sharding(mesh, 1)`); None leaves them to XLA.
+
+  The network stays mesh-agnostic: the caller that knows the mesh (`models.policy.Policy`) opens
+  this around the call. Without such pins, XLA's propagation inside the blocks' loops may give
+  the residual streams another sharding than the batch (measured: per-device temporaries that
+  grow with the fsdp device count at a fixed batch per device).
+  """
+  token = _ACTIVATION_BATCH.set(sharding)
+  try:
+    yield
+  finally:
+    _ACTIVATION_BATCH.reset(token)
+
+
+def constrain_batch(tree: Any) -> Any:
+  """`tree`'s arrays with their leading (batch) axis pinned to the active batch sharding (see
+  `batch_sharded_activations`); unchanged outside it. None leaves stay None."""
+  sharding = _ACTIVATION_BATCH.get()
+  if sharding is None:
+    return tree
+  return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), tree)
