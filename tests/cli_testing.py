@@ -2,7 +2,8 @@
 
 The child sees `devices` forced host devices (the parent's conftest sets 8 for in-process
 tests; the other XLA flags and the compilation cache carry over) and, like a user, the
-repository root as its working directory.
+repository root as its working directory. `ForkServer` runs many short command lines (the
+one-line user errors) in children forked from one process that imported the libraries once.
 """
 
 import json
