@@ -32,7 +32,7 @@ class Policy:
   `parallel.sharding.constrain_batch` — its residual streams to batch sharding. Without it XLA
   may keep the activations of an fsdp-sharded network replicated over the fsdp axis, so a
   device's temporaries grow with the device count at a fixed batch per device (measured on CPU
-  devices: 2.1× from 2 to 8 devices, `tests/test_opd_aot.py`; the SD3.5-M round on v5e-64:
+  devices: 3.1× from 2 to 8 devices, `tests/test_opd_aot.py`; the SD3.5-M round on v5e-64:
   refused at 55 G, `benchmarks/results/tpu_activation_sharding/`).
   """
   graphdef: Any
