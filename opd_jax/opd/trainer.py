@@ -32,7 +32,6 @@ class OPDTrainer:
   source: Any                      # the prompt source
   fingerprint: dict
   config: ml_collections.ConfigDict
-  batch: int                       # global prompts per task
   round: Any = None                # the compiled round (`compile`; None: setup's jit)
   name: str = 'opd'
 
@@ -56,7 +55,7 @@ class OPDTrainer:
     s = self.setup
     negative = self.source.negative()
     lowered = s.round_fn.lower(s.abstract_state, s.frozen, aot.abstract_batch(
-        s.mesh, negative, len(self.config.data.tasks), self.batch))
+        s.mesh, negative, len(self.config.data.tasks), self.config.data.batch_size))
     self.round = aot.compile_within_memory(lowered, list(s.mesh.devices.flat),
                                            self.config.train.memory_limit_gib)
 
@@ -91,7 +90,7 @@ def prepare(config: ml_collections.ConfigDict, mesh=None) -> OPDTrainer:
   negative = inputs.prompts.negative()
   setup = build_opd(config, mesh, negative, base_params=inputs.base.params,
                     teachers=inputs.teachers)
-  return OPDTrainer(setup, inputs.prompts, inputs.fingerprint, config, batch)
+  return OPDTrainer(setup, inputs.prompts, inputs.fingerprint, config)
 
 
 def train_opd(config: ml_collections.ConfigDict, workdir: str, mesh=None,
