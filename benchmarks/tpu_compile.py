@@ -4,6 +4,7 @@
     ulimit -s unlimited
     python benchmarks/tpu_compile.py [--topologies v5e:2x4 ...] [--options Fx3 9x3 ...]
     python benchmarks/tpu_compile.py --quick      # a tiny MMDiT at 64 image tokens
+    python benchmarks/tpu_compile.py --attention splash ...   # the Pallas splash kernel
 
 libtpu describes a TPU slice (`jax.experimental.topologies.get_topology_desc`) without one
 attached; the OPD round of `configs/opd_sd35m.py` is built from shapes alone
@@ -67,7 +68,8 @@ QUICK = dict(SD35_MEDIUM, num_layers=2, dual_attention_layers=[0], attention_hea
              pooled_projection_dim=128, pos_embed_max_size=16)
 
 
-def round_config(transformer: dict, option: str, scan_layers: bool, latent_size: int):
+def round_config(transformer: dict, option: str, scan_layers: bool, latent_size: int,
+                 attention: str = ''):
   bf16_everywhere = option.endswith('b')
   chunks, micro = option.rstrip('b').split('x')
   fused = chunks.upper() == 'F'
@@ -79,6 +81,7 @@ def round_config(transformer: dict, option: str, scan_layers: bool, latent_size:
   c.model.transformer = {k: v for k, v in transformer.items() if not k.startswith('_')}
   c.model.latent_size = latent_size       # 64: SD3.5-M at 512 px (the config's default)
   c.model.scan_layers = scan_layers
+  c.model.attention = attention
   c.rollout.shift = 3.0                   # SD3.5-M's scheduler shift (no checkpoint is read)
   c.mesh.shape = {'data': 1, 'fsdp': -1, 'tensor': 1}
   c.train.timestep_chunks = chunks
@@ -93,15 +96,16 @@ def negative(transformer: dict) -> dict:
 
 
 def measure(topology: str, option: str, transformer: dict, scan_layers: bool,
-            latent_size: int) -> dict:
+            latent_size: int, attention: str = '') -> dict:
   from jax.experimental import topologies
   devices = topologies.get_topology_desc(platform='tpu', topology_name=topology).devices
-  config = round_config(transformer, option, scan_layers, latent_size)
+  config = round_config(transformer, option, scan_layers, latent_size, attention)
   mesh = make_mesh(config.mesh.shape, devices)
   abstract = aot.abstract_round(config, mesh, negative(transformer))
   kind = topology.split(':')[0]
   tflops = aot.round_flops(abstract) / len(devices) / 1e12
-  common = {'topology': topology, 'option': option, 'devices': len(devices),
+  common = {'topology': topology, 'option': option, 'attention': attention or 'jax default',
+            'devices': len(devices),
             'hbm_gib': HBM_GIB[kind], 'tflop_per_device': float(f'{tflops:.3g}'),
             'round_seconds_at_mfu': float(f'{tflops / (PEAK_TFLOPS[kind] * MFU):.3g}')}
   began = time.perf_counter()
@@ -125,7 +129,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
          f'`{meta["command"]}` — compiled by libtpu {meta["libtpu"]} on {meta["machine"]} '
          f'({meta["date"]}, commit {meta["commit"]}). 3 tasks × 3 prompts per task per device, '
          f'{meta["latent"]}×{meta["latent"]}×16 latents ({meta["image_tokens"]} image + '
-         f'{TEXT_TOKENS} text tokens), r32 LoRA, '
+         f'{TEXT_TOKENS} text tokens), r32 LoRA, attention `{meta["attention"]}`, '
          'bfloat16 weights and matmuls (float32 products, residual streams and output layer '
          'unless the option ends in b: bfloat16 everywhere), remat, scan over blocks, fsdp over '
          'the devices. Option CxM: timestep '
@@ -160,6 +164,8 @@ def main(argv=None) -> list[dict]:
   p.add_argument('--scan_layers', action=argparse.BooleanOptionalAction, default=True,
                  help='lax.scan over identical blocks (much faster to compile; same memory)')
   p.add_argument('--quick', action='store_true', help='a 2-block, narrow MMDiT (a smoke run)')
+  p.add_argument('--attention', default='', choices=['', 'xla', 'einsum', 'splash'],
+                 help="config.model.attention ('': JAX chooses; 'splash': the Pallas kernel)")
   p.add_argument('--out_dir', default=os.path.join(ROOT, 'benchmarks', 'results'))
   args = p.parse_args(argv)
   transformer, latent = (QUICK, 16) if args.quick else (SD35_MEDIUM, 64)
@@ -169,16 +175,19 @@ def main(argv=None) -> list[dict]:
            [(t, o) for t in args.topologies for o in args.options])
   rows = []
   for topology, option in pairs:
-    rows.append(measure(topology, option, transformer, args.scan_layers, latent))
+    rows.append(measure(topology, option, transformer, args.scan_layers, latent,
+                        args.attention))
     print(json.dumps(rows[-1]), flush=True)
   from importlib import metadata
   meta = {'model': 'tiny 2-block MMDiT (--quick)' if args.quick else 'SD3.5-Medium',
           'latent': latent, 'image_tokens': (latent // transformer['patch_size']) ** 2,
           'command': 'python benchmarks/tpu_compile.py ' + ' '.join(argv or sys.argv[1:]),
           'libtpu': metadata.version('libtpu'), 'commit': commit,
+          'attention': args.attention or 'jax default',
           'machine': f'{platform.machine()} {os.cpu_count()}-core {platform.system()} host',
           'date': datetime.date.today().isoformat()}
-  name = 'tpu_compile_quick' if args.quick else 'tpu_compile'
+  name = ('tpu_compile_quick' if args.quick else 'tpu_compile') + (
+      f'_{args.attention}' if args.attention else '')
   os.makedirs(args.out_dir, exist_ok=True)
   with open(os.path.join(args.out_dir, name + '.json'), 'w') as f:
     json.dump({'rows': rows, 'meta': meta}, f, indent=2)

@@ -67,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.float32_output = True
   c.model.remat = True               # one block's activations live in the backward pass
   c.model.remat_policy = ''          # '' : recompute everything; or a jax.checkpoint_policies name
-  c.model.attention = ''             # '' (JAX picks), 'xla', 'cudnn', 'einsum' (models/attention.py)
+  c.model.attention = ''             # '' (JAX picks), 'xla', 'cudnn' (GPU), 'einsum', 'splash' (TPU)
   c.model.scan_layers = False        # True: lax.scan over runs of identical blocks (faster compile)
   c.lora = sections.lora(32, 64.0)   # student LoRA on the 8 attention projections (spec §5)
 

@@ -122,6 +122,11 @@ def batch_sharded_activations(sharding: NamedSharding | None) -> Iterator[None]:
     _ACTIVATION_BATCH.reset(token)
 
 
+def active_batch_sharding() -> NamedSharding | None:
+  """The batch sharding opened by `batch_sharded_activations` around this trace, or None."""
+  return _ACTIVATION_BATCH.get()
+
+
 def constrain_batch(tree: Any) -> Any:
   """`tree`'s arrays with their leading (batch) axis pinned to the active batch sharding (see
   `batch_sharded_activations`); unchanged outside it. None leaves stay None."""
