@@ -4,7 +4,10 @@ on a sharded mesh.
 
 Tolerances are float32 rounding: the fused rollout is compiled as the forward of a VJP, so its
 states already differ from the reference rollout's by ~1e-6 after one step, and the per-step KL
-is a difference of two nearly equal means (measured: ≤ 2.3e-6 relative on these networks).
+is a difference of two nearly equal means. The gradient test holds the fused gradient to 1e-6
+relative, or — where the reference itself is not determined that well — to twice the gap between
+the reference and the same reference compiled another way (the trained steps in one vmap vs one
+chunk per step; measured up to 1.2e-6 on these networks, the fused gap up to 1.4e-6).
 """
 
 import dataclasses
@@ -48,6 +51,8 @@ def test_fused_gradient_equals_the_two_pass_gradient(overrides):
   keys = sample_keys(jax.random.PRNGKey(0), 0, 0, 4)
   fused_spec = dataclasses.replace(setup.spec, fused_vjp=True)
   reference = jax.jit(lambda p, t: task_loss_and_grad(setup.spec, p, setup.frozen, cond, t, keys))
+  per_step = dataclasses.replace(setup.spec, timestep_chunks=setup.spec.num_train_steps)
+  reassociated = jax.jit(lambda p, t: task_loss_and_grad(per_step, p, setup.frozen, cond, t, keys))
   fused = jax.jit(lambda p, t: fused_task_loss_and_grad(fused_spec, p, setup.frozen, cond, t,
                                                         keys))
   for teacher in range(3):
@@ -55,7 +60,9 @@ def test_fused_gradient_equals_the_two_pass_gradient(overrides):
     g, kl = fused(student, jnp.int32(teacher))
     assert kl.shape == kl_ref.shape == (setup.spec.num_train_steps, 4)
     np.testing.assert_allclose(kl, kl_ref, rtol=1e-5)
-    assert 0 < _relative(g_ref, g) < 1e-5, _relative(g_ref, g)
+    floor = _relative(g_ref, reassociated(student, jnp.int32(teacher))[0])
+    gap = _relative(g_ref, g)
+    assert 0 < gap <= max(1e-6, 2 * floor), (gap, floor)
 
 
 def test_fused_rounds_on_a_mesh_follow_the_reference():
