@@ -32,26 +32,16 @@ import os
 from typing import Any, Callable, Collection, Iterator, Optional, Union
 
 from opd_jax.errors import ConfigError, InputError
+from opd_jax.eval import geneval
 from opd_jax.rewards.ocr import QUOTE, ocr_target
 
 PathLike = Union[str, os.PathLike]
 
-GENEVAL_TAGS = ('single_object', 'two_object', 'counting', 'colors', 'position', 'color_attr')
-GENEVAL_COLORS = ('red', 'orange', 'yellow', 'green', 'blue', 'purple', 'pink', 'brown', 'black',
-                  'white')
-GENEVAL_RELATIONS = ('left of', 'right of', 'above', 'below')
-# GenEval's object names: the 80 COCO classes, with GenEval's spelling of a few.
-GENEVAL_CLASSES = (
-    'person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat',
-    'traffic light', 'fire hydrant', 'stop sign', 'parking meter', 'bench', 'bird', 'cat', 'dog',
-    'horse', 'sheep', 'cow', 'elephant', 'bear', 'zebra', 'giraffe', 'backpack', 'umbrella',
-    'handbag', 'tie', 'suitcase', 'frisbee', 'skis', 'snowboard', 'sports ball', 'kite',
-    'baseball bat', 'baseball glove', 'skateboard', 'surfboard', 'tennis racket', 'bottle',
-    'wine glass', 'cup', 'fork', 'knife', 'spoon', 'bowl', 'banana', 'apple', 'sandwich', 'orange',
-    'broccoli', 'carrot', 'hot dog', 'pizza', 'donut', 'cake', 'chair', 'couch', 'potted plant',
-    'bed', 'dining table', 'toilet', 'tv', 'laptop', 'computer mouse', 'tv remote',
-    'computer keyboard', 'cell phone', 'microwave', 'oven', 'toaster', 'sink', 'refrigerator',
-    'book', 'clock', 'vase', 'scissors', 'teddy bear', 'hair drier', 'toothbrush')
+# GenEval's vocabulary, defined once beside its rules.
+GENEVAL_TAGS = geneval.TAGS
+GENEVAL_COLORS = geneval.COLORS
+GENEVAL_RELATIONS = geneval.RELATIONS
+GENEVAL_CLASSES = geneval.COCO_CLASSES
 
 _RECORD_FIELDS = ('tag', 'include', 'exclude', 'prompt')
 _INCLUDE_FIELDS = ('class', 'count', 'color', 'position')
