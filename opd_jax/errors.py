@@ -69,6 +69,46 @@ def parse_absl_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def config_flag_error(e: Exception, argv: list[str]) -> str:
+  """One line naming the --config file or override that failed."""
+  from absl import flags
+  config = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '?')
+  text = str(e).strip()
+  if isinstance(e, (AttributeError, KeyError)):   # an override of a field the config lacks
+    key = text.strip('"\'')
+    for arg in argv:
+      name = arg.split('=', 1)[0]
+      if name.startswith('--config.') and key in name.split('.'):
+        return f'{name}: no field {key!r} in {config}'
+  embedded = 'Error whilst parsing config file' in text   # ml_collections appends a traceback
+  if isinstance(e, flags.Error) and not embedded:
+    return one_line(text)                                 # absl's message names the flag
+  if embedded or isinstance(e, OSError):
+    text = text.splitlines()[-1].strip()                  # the exception line itself
+  else:
+    text = f'{type(e).__name__}: {text}'
+  return one_line(f'--config={config}: {text}')
+
+
+def parse_config_flags(argv: list[str], config_flag) -> list[str]:
+  """absl flag parsing with one-line errors (a bad flag, override or config file: exit 2).
+
+  The `flags_parser` of the commands that take `--config` (an ml_collections config file flag,
+  passed as `config_flag`).
+  """
+  from absl import flags
+  try:
+    rest = flags.FLAGS(argv)
+    if config_flag.value is not None:
+      config_flag.value.get  # ml_collections defers a config file's IOError to the first access
+    return rest
+  except Exception as e:   # flags.Error, or whatever a config file raised while loading
+    if show_tracebacks('--traceback' in argv):
+      raise
+    print(f'error: {config_flag_error(e, argv)}', file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def show_tracebacks(flag: bool = False) -> bool:
   return flag or os.environ.get(TRACEBACK_ENV, '') not in ('', '0', 'false', 'False')
 

@@ -1,0 +1,211 @@
+"""The evaluation command end to end on a tiny random SD3 pipeline (8 px images).
+
+Real prompt-file formats, the real sampling path (weights loaded torch-free, the Euler ODE with
+CFG, the VAE decode), the real OCR reward (rapidocr), GenEval's rules behind a stub detector, and
+a stand-in DrawBench reward; then: eval.json / eval.md, resume after a kill (no image sampled or
+scored twice), the result on 4 devices equal to 1 device's, changed settings refused.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import eval_sd35m
+from opd_jax.errors import InputError
+from opd_jax.eval import benchmarks as bm
+from opd_jax.eval import geneval
+from opd_jax.evaluate import evaluate
+from opd_jax.rewards import ocr
+
+from sd3_testing import T5_WIDTH, tiny_pipeline
+
+GENEVAL_LINES = [
+    {'tag': 'single_object', 'include': [{'class': 'dog', 'count': 1}], 'prompt': 'a photo of a dog'},
+    {'tag': 'counting', 'include': [{'class': 'cup', 'count': 2}],
+     'exclude': [{'class': 'cup', 'count': 3}], 'prompt': 'a photo of two cups'},
+    {'tag': 'colors', 'include': [{'class': 'car', 'count': 1, 'color': 'red'}],
+     'prompt': 'a photo of a red car'},
+]
+OCR_LINES = ['A sign that says "open"', 'A poster reading "sale 50"']
+DRAWBENCH_LINES = ['A red colored car.', 'A cat on a mat.', 'A red colored car.']
+
+
+class StubDetector:
+  """One dog, two cups (score 0.95), one car: every class asked for, fixed boxes."""
+
+  def __init__(self):
+    self.calls = 0
+
+  def detect(self, images, class_names):
+    self.calls += len(images)
+    out = []
+    for names in class_names:
+      dets = {}
+      for name in names:
+        n = {'dog': 1, 'cup': 2, 'car': 1}.get(name, 0)
+        boxes = np.asarray([[0, 0, 4, 4], [4, 4, 8, 8]][:n], np.float32).reshape(n, 4)
+        dets[name] = geneval.Detections(boxes, np.full((n,), 0.95, np.float32))
+      out.append(dets)
+    return out
+
+
+class Counting:
+  """Wraps a scorer; records how often each image index is scored (by prompt position)."""
+
+  def __init__(self, scorer):
+    self.scorer, self.images = scorer, 0
+
+  def __call__(self, images, items):
+    self.images += len(images)
+    return self.scorer(images, items)
+
+
+def _red(images, prompts):
+  return images[..., 0].astype(np.float32).mean(axis=(1, 2)) / 255.0
+
+
+@pytest.fixture(scope='module')
+def inputs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('eval_inputs')
+  tiny_pipeline(with_t5=True).save_pretrained(root / 'pipe')
+  rng = np.random.default_rng(0)
+  files = {}
+  for name, lines in (('geneval', [json.dumps(x) for x in GENEVAL_LINES]),
+                      ('ocr', OCR_LINES), ('drawbench', DRAWBENCH_LINES)):
+    path = root / f'{name}.txt'
+    path.write_text('\n'.join(lines))
+    prompts = [json.loads(x)['prompt'] if name == 'geneval' else x for x in lines]
+    np.savez(root / f'{name}.npz',
+             prompt_embeds=rng.standard_normal((len(lines), 6, T5_WIDTH)).astype(np.float32),
+             pooled_prompt_embeds=rng.standard_normal((len(lines), 80)).astype(np.float32),
+             negative_prompt_embeds=np.zeros((6, T5_WIDTH), np.float32),
+             negative_pooled_prompt_embeds=np.zeros((80,), np.float32),
+             prompts=np.asarray(prompts))
+    files[name] = (str(path), str(root / f'{name}.npz'))
+  return root, files
+
+
+def _config(inputs, out_dir, **sampling):
+  root, files = inputs
+  c = eval_sd35m.get_config()
+  c.model_dir = str(root / 'pipe')
+  c.models = {'base': ''}
+  c.models['nocfg'] = ''
+  c.model_cfg = {'nocfg': 1.0}
+  c.sampling.update(steps=3, resolution=8, batch_size=4, dtype='float32', **sampling)
+  for name, (prompts, emb) in files.items():
+    c.benchmarks[name].update(prompts=prompts, embeddings=emb)
+  c.benchmarks.drawbench.rewards = 'red'
+  c.rewards.batch_size = 2
+  c.out_dir = str(out_dir)
+  c.grid_images = 2
+  return c
+
+
+@pytest.fixture(scope='module')
+def ocr_reward():
+  return ocr.OCRScorer(ocr.RapidOCRBackend())
+
+
+def _scorers(ocr_reward):
+  detector = StubDetector()
+  return {'geneval': Counting(bm.geneval_scorer(detector, lambda image, objs, cls: ['red'] * len(objs))),
+          'ocr': Counting(bm.reward_scorer({'ocr': ocr_reward})),
+          'drawbench': Counting(bm.reward_scorer({'red': _red}))}
+
+
+def _images(out_dir, model, bench, n):
+  from PIL import Image
+  return np.stack([np.asarray(Image.open(os.path.join(out_dir, model, bench, 'images',
+                                                      f'{i:05d}.png'))) for i in range(n)])
+
+
+@pytest.mark.slow
+def test_evaluation_end_to_end_resume_and_devices(inputs, ocr_reward, tmp_path):
+  out = tmp_path / 'one_device'
+  scorers = _scorers(ocr_reward)
+  json_path, md_path = evaluate(_config(inputs, out), scorers, devices=jax.devices()[:1])
+  doc = json.loads(open(json_path).read())
+  assert set(doc['table']) == {'base', 'nocfg'}
+  row = doc['table']['base']
+  assert set(row) == {'geneval', 'geneval_image_accuracy', 'ocr', 'red'}
+  # The stub finds 1 dog, 2 cups, 1 red car: every GenEval prompt is correct.
+  assert row['geneval'] == row['geneval_image_accuracy'] == 1.0
+  assert 0.0 <= row['ocr'] <= 1.0 and 0.0 <= row['red'] <= 1.0
+  assert set(doc['average']) == {'base', 'nocfg'}
+  assert all(v is None or 0.0 <= v <= 1.0 for v in doc['average'].values())
+  assert 'Average' in doc['average_definition'] and '| base |' in open(md_path).read()
+  assert doc['details']['base']['geneval']['geneval_summary']['images'] == 3
+  assert os.path.exists(out / 'grids' / 'base_drawbench.png')
+  assert scorers['drawbench'].images == 6 and scorers['geneval'].images == 6   # 2 models
+  # CFG 1 and 4.5 give other images from the same keys.
+  assert not np.array_equal(_images(out, 'base', 'drawbench', 3),
+                            _images(out, 'nocfg', 'drawbench', 3))
+
+  # Kills: one while sampling the OCR cell (its second image not written, nothing scored yet),
+  # one while scoring DrawBench (its last score line torn). The rerun samples that one image
+  # alone and scores only what has no complete record; the table is unchanged.
+  before = _images(out, 'base', 'ocr', 2)
+  first = out / 'base' / 'ocr' / 'images' / '00000.png'
+  stamp = first.stat().st_mtime_ns
+  os.remove(out / 'base' / 'ocr' / 'images' / '00001.png')
+  os.remove(out / 'base' / 'ocr' / 'scores.jsonl')
+  scores = out / 'base' / 'drawbench' / 'scores.jsonl'
+  lines = scores.read_text().splitlines(keepends=True)
+  scores.write_text(''.join(lines[:-1]) + lines[-1][:10])
+  again = _scorers(ocr_reward)
+  evaluate(_config(inputs, out), again, devices=jax.devices()[:1])
+  assert again['ocr'].images == 2 and again['drawbench'].images == 1
+  assert again['geneval'].images == 0
+  np.testing.assert_array_equal(_images(out, 'base', 'ocr', 2), before)
+  assert first.stat().st_mtime_ns == stamp          # not sampled again
+  redo = json.loads(open(json_path).read())
+  assert redo['table'] == doc['table']
+  assert len(scores.read_text().splitlines()) == 3
+
+  # Four devices (batch split over the mesh's data axis): the same images up to a rounding step.
+  out4 = tmp_path / 'four_devices'
+  evaluate(_config(inputs, out4), _scorers(ocr_reward), devices=jax.devices()[:4])
+  for bench, n in (('geneval', 3), ('ocr', 2), ('drawbench', 3)):
+    diff = np.abs(_images(out, 'base', bench, n).astype(int) -
+                  _images(out4, 'base', bench, n).astype(int))
+    assert diff.max() <= 1, (bench, diff.max())
+
+  # Other settings in the same out_dir are refused, naming the cell.
+  with pytest.raises(InputError, match=r'settings.json: this evaluation was started with other '
+                                       r'settings \(steps differ\)'):
+    c = _config(inputs, out)
+    c.sampling.steps = 4
+    evaluate(c, _scorers(ocr_reward), devices=jax.devices()[:1])
+
+
+def test_embedding_cache_must_hold_the_prompt_files_prompts(inputs, ocr_reward, tmp_path):
+  c = _config(inputs, tmp_path / 'out')
+  root, files = inputs
+  c.benchmarks.ocr.embeddings = files['drawbench'][1]     # another file's embeddings
+  c.benchmarks.geneval.prompts = ''
+  c.benchmarks.drawbench.prompts = ''
+  with pytest.raises(InputError, match=r'config.benchmarks.ocr.embeddings: .*drawbench.npz entry 0 '
+                                       r"holds 'A red colored car.'"):
+    evaluate(c, _scorers(ocr_reward), devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('model_dir', '/nonexistent', r'config.model_dir: .* is not a folder'),
+    ('models.base', '/no/adapter', r'config.models.base: /no/adapter not found'),
+    ('sampling.dtype', 'float16', r'config.sampling.dtype'),
+    ('benchmarks.ocr.embeddings', '', r'config.benchmarks.ocr.embeddings'),
+])
+def test_config_errors_name_the_field(inputs, tmp_path, field, value, message):
+  from opd_jax.errors import UserError
+  c = _config(inputs, tmp_path / 'out')
+  node = c
+  *path, last = field.split('.')
+  for p in path:
+    node = node[p]
+  node[last] = value
+  with pytest.raises(UserError, match=message):
+    evaluate(c, {}, devices=jax.devices()[:1])
