@@ -3,9 +3,11 @@ activations, both EOS-pooling rules, a padded text batch; the torch-free loader 
 sharded files, one tower of a two-tower folder, shardings, bf16 compute, one error for every
 mismatched key); the open_clip and LAION-aesthetic converters and their command line."""
 
+import importlib.util
 import json
 import os
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
+from opd_jax.models import aesthetic_head
+from opd_jax.models import clip as clip_lib
 from opd_jax.models.clip import CLIPConfig, text_attention_bias
 from opd_jax.models.loading import clip_weights
 from opd_jax.models.loading.clip_weights import load_aesthetic_head, load_clip
@@ -56,7 +60,8 @@ def _perturb(model, seed: int):
 
 
 def _text_batch(eos: int):
-  """Token ids whose pooled position differs between the two EOS rules, and their mask.
+  """Token ids whose pooled position differs between the two EOS rules, and their mask
+  (right and left padding: only left padding hides keys the causal mask would not).
 
   eos 50 (first position equal to eos): larger ids (90, 98) precede it, so argmax would pick
   them. eos 2 (legacy, argmax): the id 2 appears before the largest id."""
@@ -66,8 +71,8 @@ def _text_batch(eos: int):
     return ids, np.array([[1] * 5 + [0] * 11, [1] * 16])
   ids = np.array([[97, 90, 3, 50, 0, 0, 0, 0, 0, 0, 0, 0],
                   [97, 4, 98, 6, 7, 8, 9, 50, 50, 50, 50, 50],
-                  [97, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 50]])
-  mask = np.array([[1] * 4 + [0] * 8, [1] * 8 + [0] * 4, [1] * 12])
+                  [0, 0, 0, 97, 12, 13, 14, 15, 16, 17, 18, 50]])   # left-padded
+  mask = np.array([[1] * 4 + [0] * 8, [1] * 8 + [0] * 4, [0] * 3 + [1] * 9])
   return ids, mask
 
 
@@ -391,3 +396,27 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     convert_clip.main(['convert_clip', '--vision_heads=x'])
   assert info.value.code == 2 and capsys.readouterr().err.startswith('error: ')
   assert not os.path.exists(tmp_path / 'out')
+
+
+def test_library_code_never_imports_torch(clip, tmp_path, monkeypatch):
+  """With torch and transformers unimportable, this change's modules still import (their code
+  run afresh), transformers folders load, and a .safetensors aesthetic head converts."""
+  for name in ('torch', 'transformers'):
+    monkeypatch.setitem(sys.modules, name, None)   # `import torch` raises ImportError
+  for module in (clip_lib, aesthetic_head, clip_weights, convert_clip):
+    spec = importlib.util.spec_from_file_location(f'fresh_{module.__name__}', module.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, fresh)
+    spec.loader.exec_module(fresh)
+  assert load_clip(clip[1], part='vision').text_model is None
+  rng = np.random.default_rng(0)
+  dims = (12, 10, 8, 6, 4, 1)
+  tensors = {}
+  for i, din, dout in zip(aesthetic_head.SEQUENTIAL_INDEX, dims[:-1], dims[1:]):
+    tensors[f'layers.{i}.weight'] = rng.normal(size=(dout, din)).astype(np.float32)
+    tensors[f'layers.{i}.bias'] = rng.normal(size=(dout,)).astype(np.float32)
+  save_file(tensors, tmp_path / 'head.safetensors')
+  convert_clip.convert_aesthetic_head(tmp_path / 'head.safetensors', tmp_path / 'head')
+  head = load_aesthetic_head(tmp_path / 'head')
+  assert head.layer_dims == dims
+  np.testing.assert_array_equal(head.layers[2].kernel[...], tensors['layers.4.weight'].T)
