@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
+from opd_jax.errors import InputError
 from opd_jax.models import aesthetic_head
 from opd_jax.models import clip as clip_lib
 from opd_jax.models.clip import CLIPConfig, text_attention_bias
@@ -88,15 +89,15 @@ def _forward(state, ids, pixels_nhwc, mask):
 
 def _run(model, ids, pixels_nchw, mask):
   """CLIPModel.__call__ on a transformers-layout batch."""
-  out = _forward(nnx.split(model), jnp.asarray(ids), jnp.asarray(pixels_nchw.transpose(0, 2, 3, 1)),
-                 None if mask is None else jnp.asarray(mask))
+  out = _forward(nnx.split(model), jnp.asarray(ids),
+                 jnp.asarray(pixels_nchw.transpose(0, 2, 3, 1)), jnp.asarray(mask))
   return jax.tree.map(np.asarray, out)
 
 
 def _torch_run(model, ids, pixels, mask):
   with torch.no_grad():
     return model(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels),
-                 attention_mask=None if mask is None else torch.tensor(mask))
+                 attention_mask=torch.tensor(mask))
 
 
 def _assert_close(out, ref):
@@ -236,6 +237,9 @@ def test_shardings(clip, clip_model):
   _, folder = clip
   mesh = make_mesh({'data': 1, 'fsdp': 4, 'tensor': 2})
   abstract = clip_weights.abstract_clip(clip_weights.clip_config(folder))
+  for path, param in nnx.to_flat_state(nnx.state(abstract)):   # every Param can be sharded
+    axes = param.get_metadata().get('logical_axes')
+    assert axes is not None and len(axes) == param.get_value().ndim, (path, axes)
   model = load_clip(folder, shardings=state_shardings(nnx.state(abstract), mesh))
   vision, text = model.vision_model, model.text_model
   assert vision.encoder.layers[0].self_attn.q_proj.kernel[...].sharding.spec == P('fsdp',
@@ -273,8 +277,7 @@ def test_config_parsing_and_text_mask():
   with pytest.raises(ValueError, match='one integer'):
     CLIPConfig.from_hf_dict({'model_type': 'clip_text_model', 'eos_token_id': [2, 3]})
 
-  causal = np.asarray(text_attention_bias(None, 3))
-  np.testing.assert_array_equal(causal[0, 0] < 0, [[0, 1, 1], [0, 0, 1], [0, 0, 0]])
+  # Causal (no key after the query) and padding (key 0) masks, finite in float16.
   left_padded = np.asarray(text_attention_bias(jnp.array([[0, 1, 1]]), 3, jnp.float16))
   np.testing.assert_array_equal(left_padded[0, 0] < 0, [[1, 1, 1], [1, 0, 1], [1, 0, 0]])
   assert left_padded.dtype == np.float16 and np.isfinite(left_padded).all()
@@ -334,15 +337,15 @@ def test_open_clip_conversion(clip, tmp_path):
   for key, value in hf.state_dict().items():
     torch.testing.assert_close(reloaded.state_dict()[key], value, rtol=0, atol=0)
 
-  with pytest.raises(convert_clip.InputError, match='already exists'):
+  with pytest.raises(InputError, match='already exists'):
     convert_clip.convert_open_clip(src, out, vision_heads=4, text_heads=4)
-  with pytest.raises(convert_clip.InputError,
+  with pytest.raises(InputError,
                      match=r'not an open_clip ViT-H-14: embed_dim 24 \(expected 1024\)'):
     convert_clip.convert_open_clip(src, tmp_path / 'h', arch='ViT-H-14')
   sd = _open_clip_state_dict(hf)
   del sd['visual.ln_post.bias']
   sd['visual.attnpool.weight'] = torch.zeros(2)
-  with pytest.raises(convert_clip.InputError,
+  with pytest.raises(InputError,
                      match=r"missing \['visual.ln_post.bias'\]; unexpected \['visual.attnpool"):
     convert_clip.open_clip_to_hf({k: v.numpy() for k, v in sd.items()},
                                  convert_clip.Heads(4, 4))
@@ -376,7 +379,7 @@ def test_aesthetic_head_conversion(tmp_path):
   state = mlp.state_dict()
   state['layers.3.weight'] = state.pop('layers.4.weight')
   torch.save(state, tmp_path / 'wrong.pth')
-  with pytest.raises(convert_clip.InputError, match=r"missing \['layers.4.weight'\]"):
+  with pytest.raises(InputError, match=r"missing \['layers.4.weight'\]"):
     convert_clip.convert_aesthetic_head(tmp_path / 'wrong.pth', tmp_path / 'w')
 
 
