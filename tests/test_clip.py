@@ -423,3 +423,17 @@ def test_library_code_never_imports_torch(clip, tmp_path, monkeypatch):
   head = load_aesthetic_head(tmp_path / 'head')
   assert head.layer_dims == dims
   np.testing.assert_array_equal(head.layers[2].kernel[...], tensors['layers.4.weight'].T)
+
+
+def test_loaded_logit_scale_is_a_scalar(tmp_path):
+  """A 0-d checkpoint tensor (`logit_scale`) loads 0-d, as the model declares it."""
+  import transformers
+  from opd_jax.models.loading.clip_weights import load_clip
+  config = transformers.CLIPConfig(
+      text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, vocab_size=64, max_position_embeddings=8),
+      vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, image_size=16, patch_size=8),
+      projection_dim=8)
+  transformers.CLIPModel(config).save_pretrained(tmp_path)
+  assert load_clip(str(tmp_path)).logit_scale[...].shape == ()

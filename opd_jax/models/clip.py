@@ -539,8 +539,7 @@ class CLIPModel(nnx.Module):
     """logits_per_image [images, texts] from unnormalised projected features."""
     if self.logit_scale is None:
       raise ValueError('a one-tower CLIP model has no logit_scale')
-    # reshape: `place.load_state` currently stores a 0-d checkpoint tensor as shape [1].
-    scale = jnp.exp(self.logit_scale[...].astype(jnp.float32).reshape(()))
+    scale = jnp.exp(self.logit_scale[...].astype(jnp.float32))
     return scale * (l2_normalize(image_embeds) @ l2_normalize(text_embeds).T)
 
   def __call__(self, input_ids: jax.Array, pixel_values: jax.Array,

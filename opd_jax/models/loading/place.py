@@ -109,6 +109,6 @@ def load_state(reader: CheckpointReader, abstract: nnx.State, *, renames=(),
     array = name_map.from_torch(path, reader.read(by_path[path]))
     if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != 'bfloat16':
       raise WeightMismatchError(f'{by_path[path]} has dtype {array.dtype}, expected floating point')
-    array = np.ascontiguousarray(array.astype(spec.dtype))
+    array = np.asarray(array.astype(spec.dtype), order='C')   # keeps 0-d tensors 0-d
     flat.append((path, variable.replace(place(array, sharding_for(shardings, path, variable)))))
   return nnx.from_flat_state(flat)
