@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
 
   commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT,
                           capture_output=True, text=True).stdout.strip()
-  meta = {'command': 'python benchmarks/preprocess_gap.py ' + ' '.join(argv or sys.argv[1:]),
+  meta = {'command': ' '.join(['python benchmarks/preprocess_gap.py'] + (argv or sys.argv[1:])),
           'images': f'{args.n} × {args.height}×{args.width} structured, seed 0',
           'commit': commit, 'uint8_step_normalised': UINT8_STEP,
           'machine': f'{platform.machine()} {os.cpu_count()}-core {platform.system()} host, '
@@ -185,11 +185,13 @@ def main(argv=None) -> dict:
     fm = cell(r['float_matrices_vs_host']) if 'float_matrices_vs_host' in r else '—'
     lines.append(f'| {r["reward"]} | {cell(r["jax_vs_host"])} | {cell(r["resize_vs_host"])} | '
                  f'{fm} | {r["jax_ms_per_image"]:.2f} | {r["host_ms_per_image"]:.2f} |')
-  lines += ['', 'Host path: pickscore / aesthetic = PIL bicubic on the uint8 image as '
-            "transformers' CLIP processor does (tested equal to `CLIPImageProcessorPil`); "
-            "clipscore / hpsv2 = torchvision's float tensor resize in numpy (tested against "
+  lines += ['', 'Upstream = the scorers of NVlabs/DiffusionNFT (24af555, `flow_grpo/*_scorer.py`, '
+            'run by its `scripts/evaluation.py`; torchvision 0.21, transformers 4.40, Pillow 10.4). '
+            'Host path: pickscore / aesthetic = PIL bicubic on the uint8 image as the CLIP '
+            'processor does (tested equal to `CLIPImageProcessorPil`); clipscore / hpsv2 = '
+            "torchvision's antialiased float tensor resize, in numpy (tested against "
             '`torch.nn.functional.interpolate`). Score-unit gaps need the reward towers: '
-            '`opd_jax.rewards.preprocess.score_gap`.']
+            '`opd_jax.rewards.preprocess.score_gap(score_fn, images, name)`.']
   with open(os.path.join(args.out_dir, 'preprocess_gap.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
   print('\n'.join(lines))

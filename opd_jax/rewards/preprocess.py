@@ -40,12 +40,12 @@ are rows of those matrices (padding = zero rows), so a preprocessing is one [224
   rewards; for the torchvision ones a torch-free numpy equivalent of `F.resize` on tensors).
 
 Measured (benchmarks/results/preprocess_gap.md, 32 structured 512² images): the two paths are
-bit-identical for pickscore and aesthetic, and differ by float32 rounding (≤ 1e-6 normalised
-units) for clipscore and hpsv2 — so the default for the rewards is the `jax` path; the host path
-is the reference it is tested against. (`jax.image.resize` would be as good for the two float
-rewards, but is up to 0.2 normalised units — 14 uint8 steps, at saturated edges where Pillow
-clips each pass's bicubic overshoot to [0, 255] — off for the two PIL ones.) `score_gap` turns
-a pixel gap into a score gap once a reward tower exists.
+bit-identical for pickscore and aesthetic, and differ by float32 rounding (max 1.2e-6
+normalised units) for clipscore and hpsv2 — so the default for the rewards is the `jax` path;
+the host path is the reference it is tested against. (`jax.image.resize` would be as good for
+the two float rewards, but is 0.29 normalised units — 20 uint8 steps — off at worst, 0.004 on
+average, for the two PIL ones: Pillow clips each pass's bicubic overshoot at saturated edges and
+rounds to uint8.) `score_gap` turns a pixel gap into a score gap once a reward tower exists.
 Inputs outside [0, 1] are clipped by the uint8 step of the PIL rewards and passed through by the
 float ones, as upstream. One deliberate difference: upstream HPSv2 leaves an image whose longest
 side is already 224 unpadded (which its ViT would then reject); here it is padded to 224×224.
