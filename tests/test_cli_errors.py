@@ -48,8 +48,8 @@ class Case:
   """One bad input.
 
   Attributes:
-    tool: 'main' (opd_jax.main), 'sample' (opd_jax.sample) or 'encode'
-      (opd_jax.tools.encode_prompts).
+    tool: 'main' (opd_jax.main), 'sample' (opd_jax.sample), 'encode'
+      (opd_jax.tools.encode_prompts) or 'evaluate' (opd_jax.evaluate).
     args: command-line arguments; '{d}' stands for the case's own directory.
     names: what the error line must contain (the field, file or path), '{d}' likewise.
     config: main only: the --config value (None: no --config flag).
@@ -81,6 +81,11 @@ def sample_case(args, names, **kw) -> Case:
 
 def encode_case(args, names, **kw) -> Case:
   return Case('encode', tuple(args), names, config=None, **kw)
+
+
+def evaluate_case(args, names, **kw) -> Case:
+  return Case('evaluate', ('--config=configs/eval_sd35m.py',) + tuple(args), names, config=None,
+              **kw)
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -227,6 +232,14 @@ def _resume_setup(d: pathlib.Path) -> None:
 SAMPLE = ('--model_dir={d}/sd3', '--embeddings={d}/emb.npz', '--out_dir={d}/out', '--cfg=1',
           '--resolution=8')
 ENCODE = ('--model_dir={d}/model', '--out_dir={d}/cache')
+EVALUATE = ('--config.model_dir={d}/sd3', '--config.benchmarks.ocr.prompts={d}/ocr.txt',
+            '--config.benchmarks.ocr.embeddings={d}/emb.npz', '--config.out_dir={d}/out')
+
+
+def _eval_inputs(d: pathlib.Path) -> None:
+  _sample_inputs()(d)
+  _write(d / 'ocr.txt', 'a sign that says "open"\nanother sign "shut"')
+  _write(d / 'bad.txt', 'a sign without a quoted text')
 
 
 # --- the cases ----------------------------------------------------------------------------------
@@ -402,6 +415,15 @@ CASES = [
                              '--batch_size', setup=_prompt_files), id='encode-zero-batch'),
     pytest.param(encode_case(ENCODE, '--prompts', setup=_prompt_files),
                  id='encode-prompts-flag-missing'),
+
+    # opd_jax.evaluate
+    pytest.param(evaluate_case([], 'config.model_dir'), id='evaluate-no-model-dir'),
+    pytest.param(evaluate_case(EVALUATE + ('--config.benchmarks.ocr.prompts={d}/bad.txt',),
+                               '{d}/bad.txt:1', setup=_eval_inputs),
+                 id='evaluate-ocr-prompt-without-quotes'),
+    pytest.param(evaluate_case(EVALUATE + ('--config.sampling.steps=0',), 'config.sampling.steps',
+                               setup=_eval_inputs), id='evaluate-zero-steps'),
+    pytest.param(evaluate_case(('--config.nope=1',), '--config.nope'), id='evaluate-unknown-field'),
 ]
 
 
@@ -412,7 +434,8 @@ def _command(case: Case, d: pathlib.Path) -> list[str]:
     command = main_command(fill(case.config or ''), fill(case.workdir), *args)
     # main_command always passes --config; the case without one drops it.
     return command if case.config else [a for a in command if a != '--config=']
-  module = {'sample': 'opd_jax.sample', 'encode': 'opd_jax.tools.encode_prompts'}[case.tool]
+  module = {'sample': 'opd_jax.sample', 'encode': 'opd_jax.tools.encode_prompts',
+            'evaluate': 'opd_jax.evaluate'}[case.tool]
   return [sys.executable, '-m', module, *args]
 
 
