@@ -45,33 +45,33 @@ _NAME = re.compile(r'^[A-Za-z0-9_.-]+$')
 
 def validate(c) -> dict[str, bm.Benchmark]:
   """Checks every field and file that needs no weights; returns the benchmarks to run."""
-  cc.check(bool(c.model_dir) and os.path.isdir(c.model_dir), 'config.model_dir',
+  cc.check(bool(c.model_dir) and os.path.isdir(c.model_dir), 'model_dir',
            f'{c.model_dir!r} is not a folder (a diffusers SD3/SD3.5 pipeline)')
-  cc.check(len(c.models) > 0, 'config.models', 'name at least one model (name: adapter path)')
+  cc.check(len(c.models) > 0, 'models', 'name at least one model (name: adapter path)')
   for name, adapter in c.models.items():
-    cc.check(bool(_NAME.match(name)), f'config.models.{name}', 'model names are letters, '
+    cc.check(bool(_NAME.match(name)), f'models.{name}', 'model names are letters, '
              'digits, "_", "-", "."')
     if adapter and not os.path.exists(adapter):
       raise InputError(f'config.models.{name}: {adapter} not found (a PEFT folder or a '
                        'diffusers LoRA file)')
   for name in c.model_cfg:
-    cc.check(name in c.models, f'config.model_cfg.{name}', 'not a model of config.models')
-  cc.positive(c.cfg, 'config.cfg')
+    cc.check(name in c.models, f'model_cfg.{name}', 'not a model of config.models')
+  cc.positive(c.cfg, 'cfg')
   s = c.sampling
-  cc.integer(s.steps, 'config.sampling.steps', 1)
-  cc.integer(s.resolution, 'config.sampling.resolution', 8)
-  cc.integer(s.batch_size, 'config.sampling.batch_size', 1)
-  cc.non_negative(s.shift, 'config.sampling.shift')
-  cc.choice(s.dtype, 'config.sampling.dtype', DTYPES)
-  cc.integer(c.grid_images, 'config.grid_images', 0)
-  cc.integer(c.rewards.batch_size, 'config.rewards.batch_size', 1)
+  cc.integer(s.steps, 'sampling.steps', 1)
+  cc.integer(s.resolution, 'sampling.resolution', 8)
+  cc.integer(s.batch_size, 'sampling.batch_size', 1)
+  cc.non_negative(s.shift, 'sampling.shift')
+  cc.choice(s.dtype, 'sampling.dtype', DTYPES)
+  cc.integer(c.grid_images, 'grid_images', 0)
+  cc.integer(c.rewards.batch_size, 'rewards.batch_size', 1)
   benches = {}
   for name, b in c.benchmarks.items():
     field = f'config.benchmarks.{name}'
-    cc.choice(name, 'config.benchmarks', bm.NAMES)
+    cc.choice(name, 'benchmarks', bm.NAMES)
     if not b.prompts:
       continue
-    cc.integer(b.limit, f'{field}.limit', 0)
+    cc.integer(b.limit, f'benchmarks.{name}.limit', 0)
     if not b.embeddings or not os.path.exists(b.embeddings):
       raise InputError(f'{field}.embeddings: {b.embeddings!r} not found (an encode_prompts '
                        f'cache made from {b.prompts}, or an .npz)')
@@ -79,7 +79,7 @@ def validate(c) -> dict[str, bm.Benchmark]:
       benches[name] = bm.read_benchmark(name, b.prompts, b.limit)
     except InputError as e:
       raise InputError(f'{field}.prompts: {e}') from None
-  cc.check(bool(benches), 'config.benchmarks', 'no benchmark has a prompts file')
+  cc.check(bool(benches), 'benchmarks', 'no benchmark has a prompts file')
   return benches
 
 
@@ -232,7 +232,7 @@ def evaluate(c, scorers: Mapping[str, bm.Scorer] | None = None, *, devices=None,
     mesh = make_mesh(dict(c.mesh.shape), devices if devices is not None else jax.devices())
   except ValueError as e:
     raise ConfigError(f'config.mesh.shape: {e}') from None
-  cc.check(c.sampling.batch_size % batch_axis_size(mesh) == 0, 'config.sampling.batch_size',
+  cc.check(c.sampling.batch_size % batch_axis_size(mesh) == 0, 'sampling.batch_size',
            f'{c.sampling.batch_size} does not split over the {batch_axis_size(mesh)} devices of '
            'the mesh batch axes')
   embeddings = {name: Embeddings(c.benchmarks[name].embeddings, c.benchmarks[name].task,

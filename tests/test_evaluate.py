@@ -169,7 +169,7 @@ def test_evaluation_end_to_end_resume_and_devices(inputs, ocr_reward, tmp_path):
   # Four devices (batch split over the mesh's data axis): the same images up to a rounding step.
   out4 = tmp_path / 'four_devices'
   c4 = _config(inputs, out4)
-  c4.models = {'base': ''}
+  c4.models, c4.model_cfg = {'base': ''}, {}
   c4.benchmarks.geneval.prompts = c4.benchmarks.ocr.prompts = ''
   evaluate(c4, _scorers(ocr_reward), devices=jax.devices()[:4])
   diff = np.abs(_images(out, 'base', 'drawbench', 3).astype(int) -
