@@ -66,6 +66,27 @@ SD3_VAE = {
     'use_quant_conv': False,
 }
 
+# The reward backbones (transformers CLIPConfig dicts): open_clip / HF ViT-H-14 (PickScore,
+# HPSv2.1) and openai CLIP ViT-L/14 (CLIPScore, the aesthetic predictor, GenEval's colours).
+CLIP_VIT_H_14 = {
+    'model_type': 'clip', 'projection_dim': 1024,
+    'text_config': {'hidden_size': 1024, 'intermediate_size': 4096, 'num_hidden_layers': 24,
+                    'num_attention_heads': 16, 'vocab_size': 49408,
+                    'max_position_embeddings': 77, 'hidden_act': 'gelu'},
+    'vision_config': {'hidden_size': 1280, 'intermediate_size': 5120, 'num_hidden_layers': 32,
+                      'num_attention_heads': 16, 'image_size': 224, 'patch_size': 14,
+                      'hidden_act': 'gelu'},
+}
+CLIP_VIT_L_14 = {
+    'model_type': 'clip', 'projection_dim': 768,
+    'text_config': {'hidden_size': 768, 'intermediate_size': 3072, 'num_hidden_layers': 12,
+                    'num_attention_heads': 12, 'vocab_size': 49408,
+                    'max_position_embeddings': 77, 'hidden_act': 'quick_gelu'},
+    'vision_config': {'hidden_size': 1024, 'intermediate_size': 4096, 'num_hidden_layers': 24,
+                      'num_attention_heads': 16, 'image_size': 224, 'patch_size': 14,
+                      'hidden_act': 'quick_gelu'},
+}
+
 LORA_RANK, LORA_ALPHA = 32, 64.0  # the recipe's student (spec §5)
 
 
