@@ -4,7 +4,8 @@ XLA's `cost_analysis()` counts a while-loop body once (a `lax.scan` over 10 samp
 scanned blocks or 3 tasks is counted as one iteration), so it cannot size a round. This walks
 the jaxpr instead: every `dot_general` costs 2·(batch)·(free lhs)·(free rhs)·(contracted) FLOPs
 and every convolution 2·(output elements)·(kernel elements per output); a `scan` multiplies its
-body by its length, a `cond` takes its most expensive branch, and every other higher-order
+body by its length, a `cond` takes its most expensive branch, a Pallas kernel (`pallas_call`)
+counts its body once per grid point (the padded blocks it computes), and every other higher-order
 primitive (jit, remat, custom_jvp/vjp, shard_map) is entered once. What the program computes is
 what is counted — a rematerialised forward inside a backward pass counts again. Element-wise
 work (norms, softmax, activations) is not counted; for transformers it is a few per cent.
@@ -60,6 +61,8 @@ def jaxpr_flops(jaxpr) -> int:
       total += eqn.params['length'] * jaxpr_flops(eqn.params['jaxpr'])
     elif name == 'cond':
       total += max(jaxpr_flops(b) for b in eqn.params['branches'])
+    elif name == 'pallas_call':   # the kernel body runs once per grid point (e.g. splash)
+      total += math.prod(eqn.params['grid_mapping'].grid) * jaxpr_flops(eqn.params['jaxpr'])
     elif name == 'while':
       raise ValueError('a while loop has no static trip count; count its body and multiply')
     else:

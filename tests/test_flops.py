@@ -72,3 +72,15 @@ def test_round_flops_multiply_out_tasks_and_steps(fused):
                                                   mesh_of(1), negative))
     # 4 rollout steps, 3 trained: the fused round skips 4 student forwards (×2 with CFG).
     assert flops < 0.9 * two_pass, (flops, two_pass)
+
+
+def test_pallas_kernels_count_every_grid_point():
+  """The splash kernel runs its block body once per (sample, head, q block, kv block): 200 tokens
+  pad to 2 blocks of 128, so it computes 4·B·N·256²·H FLOPs, forward and backward."""
+  from opd_jax.models.attention import dot_product_attention
+  q = jax.ShapeDtypeStruct((2, 200, 4, 64), jnp.float32)
+  attend = lambda q, k, v: dot_product_attention(q, k, v, None, 'splash')
+  assert count_flops(attend, q, q, q) == 4 * 2 * 4 * 256 * 256 * 64
+  grads = count_flops(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v)), argnums=(0, 1, 2)),
+                      q, q, q)
+  assert grads >= 3 * count_flops(attend, q, q, q)   # forward + dq, dk, dv passes
