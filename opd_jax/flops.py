@@ -5,8 +5,9 @@ scanned blocks or 3 tasks is counted as one iteration), so it cannot size a roun
 the jaxpr instead: every `dot_general` costs 2·(batch)·(free lhs)·(free rhs)·(contracted) FLOPs
 and every convolution 2·(output elements)·(kernel elements per output); a `scan` multiplies its
 body by its length, a `cond` takes its most expensive branch, a Pallas kernel (`pallas_call`)
-counts its body once per grid point (the padded blocks it computes), and every other higher-order
-primitive (jit, remat, custom_jvp/vjp, shard_map) is entered once. What the program computes is
+counts its body once per grid point (the padded blocks it computes), a `shard_map` body (one
+device's share, with that device's shapes) once per device it runs on, and every other
+higher-order primitive (jit, remat, custom_jvp/vjp) is entered once. What the program computes is
 what is counted — a rematerialised forward inside a backward pass counts again. Element-wise
 work (norms, softmax, activations) is not counted; for transformers it is a few per cent.
 """
@@ -63,6 +64,10 @@ def jaxpr_flops(jaxpr) -> int:
       total += max(jaxpr_flops(b) for b in eqn.params['branches'])
     elif name == 'pallas_call':   # the kernel body runs once per grid point (e.g. splash)
       total += math.prod(eqn.params['grid_mapping'].grid) * jaxpr_flops(eqn.params['jaxpr'])
+    elif name == 'shard_map':     # the body is one device's share: count it on every device
+      mesh = eqn.params['mesh']
+      axes = eqn.params.get('newly_manual_axes') or eqn.params.get('manual_axes') or mesh.axis_names
+      total += math.prod(mesh.shape[a] for a in axes) * jaxpr_flops(eqn.params['jaxpr'])
     elif name == 'while':
       raise ValueError('a while loop has no static trip count; count its body and multiply')
     else:

@@ -84,3 +84,14 @@ def test_pallas_kernels_count_every_grid_point():
   grads = count_flops(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v)), argnums=(0, 1, 2)),
                       q, q, q)
   assert grads >= 3 * count_flops(attend, q, q, q)   # forward + dq, dk, dv passes
+
+
+def test_shard_map_bodies_count_on_every_device():
+  """A shard_map body holds one device's shapes: counted once per device of its mesh, the
+  program's FLOPs do not depend on how it is split."""
+  from jax.sharding import PartitionSpec as P
+  mesh = mesh_of(4)
+  a, b = jnp.ones((8, 16)), jnp.ones((16, 4))
+  split = jax.shard_map(lambda a, b: a @ b, mesh=mesh, in_specs=(P(('data', 'fsdp')), P()),
+                        out_specs=P(('data', 'fsdp')))
+  assert count_flops(split, a, b) == count_flops(lambda a, b: a @ b, a, b) == 2 * 8 * 16 * 4
