@@ -158,7 +158,8 @@ def main(argv=None):
            f'{args.prompts} prompts, guided (2B) batches, float32, r{RANK} LoRA; median of '
            f'{args.repeats} calls after a warm-up, the two forms alternated in one process.', '',
            '| network | image tokens | work | tasks in turn s | one batch s | '
-           'one batch speed-up (in turn s / one batch s) | max abs difference |', '|---|---|---|---|---|---|---|']
+           'one batch speed-up (in turn s / one batch s) | max abs difference |',
+           '|---|---|---|---|---|---|---|']
   for r in rows:
     lines.append(f'| {r["point"]} | {r["image_tokens"]} | {r["work"]} | {r["in_turn_s"]:.4f} | '
                  f'{r["batched_s"]:.4f} | {r["speedup"]:.2f}× | {r["max_abs_gap"]:.1e} |')
