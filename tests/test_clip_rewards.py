@@ -203,9 +203,12 @@ def test_host_preprocessing_on_a_two_device_mesh(models, images, references):
   sharded = clip_rewards.load_reward('aesthetic', folders, batch_size=4, preprocess='host',
                                      mesh=mesh)
   assert sharded._state['head']['layers'][0]['kernel'][...].sharding.is_fully_replicated
+  sharded.precompile(40, 56)      # the program the calls below run
   out = sharded(images, PROMPTS)
   np.testing.assert_allclose(out, one, atol=1e-5, rtol=0)
   np.testing.assert_allclose(out, references['aesthetic'], atol=TOL, rtol=0)
+  pixels = PREPROCESS['aesthetic'].host(images)
+  np.testing.assert_array_equal(sharded.score_pixels(pixels, PROMPTS), out)
   with pytest.raises(ConfigError, match=r'^batch_size 3: not a multiple'):
     clip_rewards.load_reward('aesthetic', folders, batch_size=3, mesh=mesh)
 

@@ -66,7 +66,7 @@ from opd_jax.models.clip import LEGACY_EOS_TOKEN_ID, CLIPModel, l2_normalize
 from opd_jax.models.loading.clip_weights import load_aesthetic_head, load_clip
 from opd_jax.parallel.mesh import batch_axis_size
 from opd_jax.parallel.sharding import batch_sharding, replicated
-from opd_jax.rewards.preprocess import PREPROCESS
+from opd_jax.rewards.preprocess import PREPROCESS, SIZE
 
 PICKSCORE_DIVISOR = 26.0     # upstream PickScoreScorer: scores / 26
 CLIPSCORE_DIVISOR = 100.0    # upstream ClipScorer: logits_per_image.diagonal() / 100
@@ -239,36 +239,66 @@ class Reward:
     self._length = text.max_position_embeddings if text else None
     self._mesh = mesh
 
+  def _sharding(self, ndim: int):
+    return None if self._mesh is None else batch_sharding(self._mesh, ndim)
+
   def _put(self, x: np.ndarray | None):
     if x is None:
       return None
-    if self._mesh is None:
-      return jax.device_put(x)
-    return jax.device_put(x, batch_sharding(self._mesh, x.ndim))
+    sharding = self._sharding(x.ndim)
+    return jax.device_put(x) if sharding is None else jax.device_put(x, sharding)
 
-  def __call__(self, images: Any, prompts: Sequence[str]) -> np.ndarray:
-    images, prompts = check_inputs(images, prompts, self.name)
-    n, kind = len(prompts), self.kind
+  def _tokens(self, prompts: Sequence[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if self._tokenizer is None:
+      return None, None
+    return tokenize(self._tokenizer, prompts, self._length)
+
+  def _run(self, images: np.ndarray, prompts: list[str], mode: str | None) -> np.ndarray:
+    """Scores of `images` by batches: mode 'jax' / 'host' preprocess them, None means they are
+    already normalised 224² pixels."""
+    n = len(prompts)
     if n == 0:
       return np.zeros((0,), np.float32)
-    ids = mask = None
-    if self._tokenizer is not None:
-      ids, mask = tokenize(self._tokenizer, prompts, self._length)
+    ids, mask = self._tokens(prompts)
     pending = []
     for start in range(0, n, self.batch_size):
       stop = min(start + self.batch_size, n)
       chunk = images[start:stop]
-      if self.preprocess == 'host':
+      if mode == 'host':
         unit = chunk.astype(np.float32) / np.float32(255) if chunk.dtype == np.uint8 else chunk
-        chunk = PREPROCESS[kind].host(unit)
+        chunk = PREPROCESS[self.kind].host(unit)
       args = [self._put(_pad_rows(a, self.batch_size)) for a in
               (chunk, None if ids is None else ids[start:stop],
                None if mask is None else mask[start:stop])]
       out = _scores(self._graphdef, self._state, *args,
-                    preprocess=kind if self.preprocess == 'jax' else None)
+                    preprocess=self.kind if mode == 'jax' else None)
       pending.append((out, stop - start))
     scores = np.concatenate([np.asarray(out, np.float32)[:rows] for out, rows in pending])
     return (scores / np.float32(self.divisor)).astype(np.float32)
+
+  def __call__(self, images: Any, prompts: Sequence[str]) -> np.ndarray:
+    images, prompts = check_inputs(images, prompts, self.name)
+    return self._run(images, prompts, self.preprocess)
+
+  def score_pixels(self, pixels: Any, prompts: Sequence[str]) -> np.ndarray:
+    """Scores [B] of already preprocessed pixels (normalised float [B, 224, 224, 3]): the
+    network alone (e.g. for `preprocess.score_gap`)."""
+    pixels, prompts = check_inputs(pixels, prompts, self.name)
+    return self._run(pixels.astype(np.float32), prompts, None)
+
+  def precompile(self, height: int, width: int, dtype: Any = np.uint8) -> None:
+    """Compiles the network for [batch_size, height, width, 3] images of `dtype` without running
+    it (a later call of that shape starts at once)."""
+    def spec(shape, dt):
+      return jax.ShapeDtypeStruct(shape, dt, sharding=self._sharding(len(shape)))
+    tokens = (None, None)
+    if self._tokenizer is not None:
+      tokens = (spec((self.batch_size, self._length), np.int32),) * 2
+    host = self.preprocess == 'host'
+    images = spec((self.batch_size, SIZE, SIZE, 3) if host else (self.batch_size, height, width, 3),
+                  np.float32 if host else dtype)
+    _scores.lower(self._graphdef, self._state, images, *tokens,
+                  preprocess=None if host else self.kind).compile()
 
 
 class WeightedSum:
@@ -283,6 +313,10 @@ class WeightedSum:
     for reward, weight in self.parts:
       total += np.float32(weight) * reward(images, prompts)
     return total
+
+  def precompile(self, height: int, width: int, dtype: Any = np.uint8) -> None:
+    for reward, _ in self.parts:
+      reward.precompile(height, width, dtype)
 
 
 def _folder(folders: Mapping[str, str], key: str, name: str) -> str:
