@@ -31,7 +31,8 @@ random, so this bounds the pipeline's numerical gap on networks of the real shap
 models' (whose sensitivity to pixels differs); the score spread over the images is printed next
 to it for scale.
 
-Writes benchmarks/results/reward_throughput_cpu.{md,json} (`--out_name` to change).
+Writes benchmarks/results/reward_throughput_cpu.{md,json} (`--out_name` to change);
+`--render RESULT.json` only rewrites the .md next to a result .json.
 """
 
 from __future__ import annotations
@@ -164,6 +165,54 @@ def machine() -> str:
           f'{jax.default_backend()} ({jax.devices()[0].device_kind})')
 
 
+def write_markdown(result: dict, path: str) -> None:
+  """The .md report of a result dict (what `main` writes to the .json)."""
+  rows, mix, gaps, meta = result['rows'], result['aesthetics_mix'], result['score_gap'], \
+      result['meta']
+  reps = len(rows[0]['call_s']) if rows else 0
+  gap_images = gaps[0]['images'] if gaps else 0
+  lines = ['# Reward throughput at the real model sizes (random weights)', '',
+           f'`{meta["command"]}` at commit {meta["commit"]} on {meta["machine"]} '
+           f'({meta["date"]}); '
+           f'{meta["images"]}, DrawBench prompts; whole run {meta["total_s"]:.0f} s. '
+           f'Median of {reps} call(s) after `Reward.precompile`; a call = tokenise, copy, '
+           'JAX preprocessing, both towers, score, copy back.', '',
+           '| reward | network | dtype | compile s | s per call | s per image |',
+           '|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(f'| {r["reward"]} | {r["model"]} | {r["dtype"]} | {r["compile_s"]:.1f} | '
+                 f'{r["median_call_s"]:.1f} | {r["s_per_image"]:.2f} |')
+  for m in mix:
+    lines.append(f'| aesthetics_mix (sum of the three) | ViT-H + ViT-H + ViT-L | {m["dtype"]} '
+                 f'| — | — | {m["s_per_image"]:.2f} |')
+  same = []
+  for dtype in sorted({r['dtype'] for r in rows}):
+    pair = {r['reward']: r['s_per_image'] for r in rows if r['dtype'] == dtype}
+    if {'pickscore', 'hpsv2'} <= set(pair):
+      same.append(f'{abs(pair["pickscore"] / pair["hpsv2"] - 1):.0%} in {dtype}')
+  if same:
+    lines += ['', 'PickScore and HPSv2.1 run the same ViT-H/14 network (their crops differ by '
+              'about 40 ms per image): their rows differ by ' + ' and '.join(same) + ', which is '
+              'the run-to-run noise of single timed calls on this machine (its 2 cores are '
+              'shared with other jobs). Read the table to about that precision.']
+  if gaps:
+    lines += ['', f'JAX vs host preprocessing, in score units, float32, {gap_images} '
+              'structured 512² images (seed 1). **Random weights**: this bounds the numerical gap '
+              'of the pipeline on networks of the real shapes, not the gap of the real models.', '',
+              '| reward | max abs gap | mean abs gap | host scores (for scale) |', '|---|---|---|---|']
+    for g in gaps:
+      host = ', '.join(f'{v:.5g}' for v in g['host_scores'])
+      lines.append(f'| {g["reward"]} | {g["max_abs"]:.3g} | {g["mean_abs"]:.3g} | {host} |')
+  lines += ['', 'PickScore and the aesthetic crop are bit-identical on both paths (Pillow-exact '
+            'fixed point), so their gap is 0 whatever the weights; CLIPScore and HPSv2.1 differ by '
+            'float32 rounding of the resize (≈1e-6 normalised units, '
+            '`benchmarks/results/preprocess_gap.md`). The bfloat16 option is meant for '
+            'accelerators; on a CPU compare its rows with float32 above.']
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+
+
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--batch', type=int, default=8)
@@ -174,7 +223,13 @@ def main(argv=None) -> dict:
   p.add_argument('--size', type=int, default=512)
   p.add_argument('--out_dir', default=os.path.join(ROOT, 'benchmarks', 'results'))
   p.add_argument('--out_name', default='reward_throughput_cpu')
+  p.add_argument('--render', default='', help='only rewrite the .md of this result .json')
   args = p.parse_args(argv)
+  if args.render:
+    with open(args.render) as f:
+      result = json.load(f)
+    write_markdown(result, os.path.splitext(args.render)[0] + '.md')
+    return result
   names = [r for r in args.rewards.split(',') if r]
   dtypes = [d for d in args.dtypes.split(',') if d]
   unknown = sorted(set(names) - set(REWARD_MODEL)) + sorted(set(dtypes) - set(DTYPES))
@@ -238,35 +293,7 @@ def main(argv=None) -> dict:
   with open(os.path.join(args.out_dir, args.out_name + '.json'), 'w') as f:
     json.dump(result, f, indent=2)
 
-  lines = ['# Reward throughput at the real model sizes (random weights)', '',
-           f'`{meta["command"]}` at commit {commit} on {meta["machine"]} ({meta["date"]}); '
-           f'{meta["images"]}, DrawBench prompts; whole run {meta["total_s"]:.0f} s. '
-           f'Median of {args.reps} call(s) after `Reward.precompile`; a call = tokenise, copy, '
-           'JAX preprocessing, both towers, score, copy back.', '',
-           '| reward | network | dtype | compile s | s per call | s per image |',
-           '|---|---|---|---|---|---|']
-  for r in rows:
-    lines.append(f'| {r["reward"]} | {r["model"]} | {r["dtype"]} | {r["compile_s"]:.1f} | '
-                 f'{r["median_call_s"]:.1f} | {r["s_per_image"]:.2f} |')
-  for m in mix:
-    lines.append(f'| aesthetics_mix (sum of the three) | ViT-H + ViT-H + ViT-L | {m["dtype"]} '
-                 f'| — | — | {m["s_per_image"]:.2f} |')
-  if gaps:
-    lines += ['', f'JAX vs host preprocessing, in score units, float32, {args.gap_images} '
-              'structured 512² images (seed 1). **Random weights**: this bounds the numerical gap '
-              'of the pipeline on networks of the real shapes, not the gap of the real models.', '',
-              '| reward | max abs gap | mean abs gap | host scores (for scale) |', '|---|---|---|---|']
-    for g in gaps:
-      host = ', '.join(f'{v:.5g}' for v in g['host_scores'])
-      lines.append(f'| {g["reward"]} | {g["max_abs"]:.3g} | {g["mean_abs"]:.3g} | {host} |')
-  lines += ['', 'PickScore and the aesthetic crop are bit-identical on both paths (Pillow-exact '
-            'fixed point), so their gap is 0 whatever the weights; CLIPScore and HPSv2.1 differ by '
-            'float32 rounding of the resize (≈1e-6 normalised units, '
-            '`benchmarks/results/preprocess_gap.md`). The bfloat16 option is meant for accelerators; '
-            'on a CPU compare its rows with float32 above.']
-  with open(os.path.join(args.out_dir, args.out_name + '.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  print('\n'.join(lines))
+  write_markdown(result, os.path.join(args.out_dir, args.out_name + '.md'))
   return result
 
 

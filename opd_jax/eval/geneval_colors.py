@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from opd_jax.errors import InputError
+from opd_jax.errors import ConfigError, InputError
 from opd_jax.eval import geneval
 from opd_jax.models.clip import CLIPModel, l2_normalize
 from opd_jax.models.loading.clip_weights import load_clip
@@ -144,12 +144,13 @@ def clip_color_classifier(clip_folder: str | os.PathLike, *, dtype: Any = jnp.fl
 
   Raises:
     InputError: a missing folder or tokenizer, unreadable weights, a one-tower model.
+    ConfigError: a batch_size that is not a positive integer.
   """
   folder = os.fspath(clip_folder)
   if not os.path.isdir(folder):
     raise InputError(f'{folder}: no such directory (the GenEval colour classifier\'s CLIP)')
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-    raise InputError(f'batch_size: expected a positive integer, got {batch_size!r}')
+    raise ConfigError(f'batch_size: expected a positive integer, got {batch_size!r}')
   folders = {'clip': folder}
   if tokenizer_folder is not None:
     folders[clip_rewards.TOKENIZER_KEY] = os.fspath(tokenizer_folder)

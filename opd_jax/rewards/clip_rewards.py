@@ -43,8 +43,9 @@ as upstream's reward wrappers do). The network part — the JAX preprocessing (`
 the default, bit-exact or 1e-6 from upstream's; `'host'`: numpy/PIL on host instead), both
 towers and the score — is one jitted function on batches padded to `batch_size` (static
 shapes; the tail batch repeats its last row, and the extra scores are dropped). With a `mesh`
-(`opd_jax.parallel.mesh.make_mesh`), weights are replicated on every device and each batch is
-split over the mesh's batch axes (data × fsdp). Matmuls run in `dtype` (bfloat16 for speed);
+(`opd_jax.parallel.mesh.make_mesh`, over this process's devices: the host images are placed with
+`jax.device_put`), weights are replicated on every device and each batch is split over the
+mesh's batch axes (data × fsdp). Matmuls run in `dtype` (bfloat16 for speed);
 parameters, LayerNorms, softmax, the normalisation and the score stay float32, and so does the
 aesthetic head (5 small layers).
 """
