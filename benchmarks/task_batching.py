@@ -41,7 +41,7 @@ from configs.opd_sd35m import get_config              # noqa: E402
 from opd_jax.models.lora import select_adapter, split_model, stack_adapters   # noqa: E402
 from opd_jax.models.policy import Policy              # noqa: E402
 from opd_jax.models.registry import make_module       # noqa: E402
-from opd_round_throughput import NETWORKS, TEXT_TOKENS, network   # noqa: E402
+from opd_round_throughput import TEXT_TOKENS, network          # noqa: E402
 
 TASKS, RANK, ALPHA = 3, 32, 64.0
 

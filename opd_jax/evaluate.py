@@ -24,12 +24,11 @@ check that needs no weights runs before any weight is read.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
 import sys
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 

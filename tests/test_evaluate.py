@@ -1,13 +1,16 @@
 """The evaluation command end to end on a tiny random SD3 pipeline (8 px images).
 
 Real prompt-file formats, the real sampling path (weights loaded torch-free, the Euler ODE with
-CFG, the VAE decode), the real OCR reward (rapidocr), GenEval's rules behind a stub detector, and
-a stand-in DrawBench reward; then: eval.json / eval.md, resume after a kill (no image sampled or
+CFG, the VAE decode) and the scorers the config describes (`eval.scorers`): the OCR reward
+(rapidocr), GenEval's rules with a stub detector behind the real detector service and client
+and the CLIP colour classifier, and DrawBench's four model-based rewards — on tiny random CLIPs
+(`tests/clip_testing.py`). Then: eval.json / eval.md, resume after a kill (no image sampled or
 scored twice), the result on 4 devices equal to 1 device's, changed settings refused.
 """
 
 import json
 import os
+import threading
 
 import jax
 import numpy as np
@@ -17,9 +20,11 @@ from configs import eval_sd35m
 from opd_jax.errors import InputError
 from opd_jax.eval import benchmarks as bm
 from opd_jax.eval import geneval
+from opd_jax.eval.detector_service import make_server
+from opd_jax.eval.scorers import build_scorers
 from opd_jax.evaluate import evaluate
-from opd_jax.rewards import ocr
 
+from clip_testing import reward_models
 from sd3_testing import T5_WIDTH, tiny_pipeline
 
 GENEVAL_LINES = [
@@ -34,20 +39,21 @@ DRAWBENCH_LINES = ['A red colored car.', 'A cat on a mat.', 'A red colored car.'
 
 
 class StubDetector:
-  """One dog, two cups (score 0.95), one car: every class asked for, fixed boxes."""
+  """A detector-service backend: one dog, two cups (score 0.95), one car, fixed boxes."""
+  name = 'stub'
 
-  def __init__(self):
-    self.calls = 0
-
-  def detect(self, images, class_names):
-    self.calls += len(images)
+  def detect(self, images, class_names, masks):
     out = []
-    for names in class_names:
+    for image, names in zip(images, class_names):
       dets = {}
       for name in names:
         n = {'dog': 1, 'cup': 2, 'car': 1}.get(name, 0)
         boxes = np.asarray([[0, 0, 4, 4], [4, 4, 8, 8]][:n], np.float32).reshape(n, 4)
-        dets[name] = geneval.Detections(boxes, np.full((n,), 0.95, np.float32))
+        full = np.zeros((n,) + image.shape[:2], bool)
+        for k, (x0, y0, x1, y1) in enumerate(boxes.astype(int)):
+          full[k, y0:y1, x0:x1] = True
+        dets[name] = geneval.Detections(boxes, np.full((n,), 0.95, np.float32),
+                                        full if masks else None)
       out.append(dets)
     return out
 
@@ -63,8 +69,13 @@ class Counting:
     return self.scorer(images, items)
 
 
-def _red(images, prompts):
-  return images[..., 0].astype(np.float32).mean(axis=(1, 2)) / 255.0
+@pytest.fixture(scope='module')
+def detector_url():
+  server = make_server(StubDetector())
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  yield server.url
+  server.shutdown()
 
 
 @pytest.fixture(scope='module')
@@ -85,11 +96,12 @@ def inputs(tmp_path_factory):
              negative_pooled_prompt_embeds=np.zeros((80,), np.float32),
              prompts=np.asarray(prompts))
     files[name] = (str(path), str(root / f'{name}.npz'))
-  return root, files
+  _, _, _, rewards = reward_models(root / 'rewards')
+  return root, files, rewards
 
 
 def _config(inputs, out_dir, **sampling):
-  root, files = inputs
+  root, files, rewards = inputs
   c = eval_sd35m.get_config()
   c.model_dir = str(root / 'pipe')
   c.models = {'base': ''}
@@ -98,23 +110,23 @@ def _config(inputs, out_dir, **sampling):
   c.sampling.update(steps=3, resolution=8, batch_size=4, dtype='float32', **sampling)
   for name, (prompts, emb) in files.items():
     c.benchmarks[name].update(prompts=prompts, embeddings=emb)
-  c.benchmarks.drawbench.rewards = 'red'
-  c.rewards.batch_size = 2
+  c.rewards.update(pickscore=rewards['pickscore'], clip=rewards['clip'], hpsv2=rewards['hpsv2'],
+                   aesthetic_head=rewards['aesthetic_head'], batch_size=2)
   c.out_dir = str(out_dir)
   c.grid_images = 2
   return c
 
 
 @pytest.fixture(scope='module')
-def ocr_reward():
-  return ocr.OCRScorer(ocr.RapidOCRBackend())
+def built(inputs, detector_url, tmp_path_factory):
+  """The config's scorers, built once (weights read, programs compiled on first use)."""
+  c = _config(inputs, tmp_path_factory.mktemp('unused'))
+  c.geneval.update(detector_url=detector_url, timeout_s=10.0, retries=0)
+  return build_scorers(c, list(bm.NAMES))
 
 
-def _scorers(ocr_reward):
-  detector = StubDetector()
-  return {'geneval': Counting(bm.geneval_scorer(detector, lambda image, objs, cls: ['red'] * len(objs))),
-          'ocr': Counting(bm.reward_scorer({'ocr': ocr_reward})),
-          'drawbench': Counting(bm.reward_scorer({'red': _red}))}
+def _scorers(built):
+  return {name: Counting(scorer) for name, scorer in built.items()}
 
 
 def _images(out_dir, model, bench, n):
@@ -124,17 +136,21 @@ def _images(out_dir, model, bench, n):
 
 
 @pytest.mark.slow
-def test_evaluation_end_to_end_resume_and_devices(inputs, ocr_reward, tmp_path):
+def test_evaluation_end_to_end_resume_and_devices(inputs, built, tmp_path):
   out = tmp_path / 'one_device'
-  scorers = _scorers(ocr_reward)
+  scorers = _scorers(built)
   json_path, md_path = evaluate(_config(inputs, out), scorers, devices=jax.devices()[:1])
   doc = json.loads(open(json_path).read())
   assert set(doc['table']) == {'base', 'nocfg'}
   row = doc['table']['base']
-  assert set(row) == {'geneval', 'geneval_image_accuracy', 'ocr', 'red'}
-  # The stub finds 1 dog, 2 cups, 1 red car: every GenEval prompt is correct.
-  assert row['geneval'] == row['geneval_image_accuracy'] == 1.0
-  assert 0.0 <= row['ocr'] <= 1.0 and 0.0 <= row['red'] <= 1.0
+  assert set(row) == {'geneval', 'geneval_image_accuracy', 'ocr', 'pickscore', 'clipscore',
+                      'hpsv2', 'aesthetic'}
+  # The stub finds 1 dog, 2 cups, 1 car: the single-object and counting prompts are correct;
+  # the car's colour is whatever the tiny random CLIP says.
+  tags = {t['tag']: t for t in doc['details']['base']['geneval']['geneval_summary']['tags']}
+  assert tags['single_object']['accuracy'] == tags['counting']['accuracy'] == 1.0
+  assert 0.0 <= row['ocr'] <= 1.0 and -1.0 <= row['clipscore'] <= 1.0
+  assert all(np.isfinite(row[k]) for k in ('pickscore', 'hpsv2', 'aesthetic'))
   assert set(doc['average']) == {'base', 'nocfg'}
   assert all(v is None or 0.0 <= v <= 1.0 for v in doc['average'].values())
   assert 'Average' in doc['average_definition'] and '| base |' in open(md_path).read()
@@ -156,7 +172,7 @@ def test_evaluation_end_to_end_resume_and_devices(inputs, ocr_reward, tmp_path):
   scores = out / 'base' / 'drawbench' / 'scores.jsonl'
   lines = scores.read_text().splitlines(keepends=True)
   scores.write_text(''.join(lines[:-1]) + lines[-1][:10])
-  again = _scorers(ocr_reward)
+  again = _scorers(built)
   evaluate(_config(inputs, out), again, devices=jax.devices()[:1])
   assert again['ocr'].images == 2 and again['drawbench'].images == 1
   assert again['geneval'].images == 0
@@ -171,7 +187,7 @@ def test_evaluation_end_to_end_resume_and_devices(inputs, ocr_reward, tmp_path):
   c4 = _config(inputs, out4)
   c4.models, c4.model_cfg = {'base': ''}, {}
   c4.benchmarks.geneval.prompts = c4.benchmarks.ocr.prompts = ''
-  evaluate(c4, _scorers(ocr_reward), devices=jax.devices()[:4])
+  evaluate(c4, _scorers(built), devices=jax.devices()[:4])
   diff = np.abs(_images(out, 'base', 'drawbench', 3).astype(int) -
                 _images(out4, 'base', 'drawbench', 3).astype(int))
   assert diff.max() <= 1, diff.max()
@@ -181,18 +197,18 @@ def test_evaluation_end_to_end_resume_and_devices(inputs, ocr_reward, tmp_path):
                                        r'settings \(steps differ\)'):
     c = _config(inputs, out)
     c.sampling.steps = 4
-    evaluate(c, _scorers(ocr_reward), devices=jax.devices()[:1])
+    evaluate(c, _scorers(built), devices=jax.devices()[:1])
 
 
-def test_embedding_cache_must_hold_the_prompt_files_prompts(inputs, ocr_reward, tmp_path):
+def test_embedding_cache_must_hold_the_prompt_files_prompts(inputs, built, tmp_path):
   c = _config(inputs, tmp_path / 'out')
-  root, files = inputs
+  root, files, _ = inputs
   c.benchmarks.ocr.embeddings = files['drawbench'][1]     # another file's embeddings
   c.benchmarks.geneval.prompts = ''
   c.benchmarks.drawbench.prompts = ''
   with pytest.raises(InputError, match=r'config.benchmarks.ocr.embeddings: .*drawbench.npz entry 0 '
                                        r"holds 'A red colored car.'"):
-    evaluate(c, _scorers(ocr_reward), devices=jax.devices()[:1])
+    evaluate(c, _scorers(built), devices=jax.devices()[:1])
 
 
 @pytest.mark.parametrize('field, value, message', [

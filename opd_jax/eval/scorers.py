@@ -3,7 +3,9 @@
   geneval    `HttpDetector(config.geneval.detector_url)` + CLIP-L zero-shot colours
              (`eval.geneval_colors`, weights `config.rewards.clip`)
   ocr        the OCR reward, in-process rapidocr or the OCR service (`config.rewards.ocr_*`)
-  drawbench  the rewards `config.benchmarks.drawbench.rewards` names (`rewards.clip_rewards`)
+  drawbench  the rewards `config.benchmarks.drawbench.rewards` names (`rewards.clip_rewards`;
+             a reward folder without tokenizer files — HPSv2.1 converted by `convert_clip` —
+             uses the `config.rewards.clip` folder's, the same BPE)
 
 Weights are read here, after the config and prompt files were checked; a reward that needs a
 folder the config leaves empty is a one-line ConfigError naming the field.
@@ -56,6 +58,8 @@ def build_scorers(c, names: Sequence[str]) -> dict[str, bm.Scorer]:
         raise ConfigError(f'config.benchmarks.drawbench.rewards: unknown reward {name!r}; known: '
                           f'{sorted(REWARD_FOLDERS)}')
       folders = {f: _need(c, f, f'the {name} reward') for f in REWARD_FOLDERS[name]}
+      if c.rewards.clip:            # the tokenizer of a folder without one (converted HPSv2.1)
+        folders.setdefault('clip', c.rewards.clip)
       rewards[name] = clip_rewards.load_reward(name, folders, batch_size=c.rewards.batch_size)
     if not rewards:
       raise ConfigError('config.benchmarks.drawbench.rewards: name at least one reward')
