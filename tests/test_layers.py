@@ -21,7 +21,7 @@ LAYERS = [
     {'train'},
     {'opd', 'rl', 'pretrain', 'eval'},
     {'recipe'},
-    {'trainers', 'main', 'sample', 'tools'},
+    {'trainers', 'main', 'sample', 'evaluate', 'tools'},
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
