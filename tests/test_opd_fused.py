@@ -7,7 +7,8 @@ states already differ from the reference rollout's by ~1e-6 after one step, and 
 is a difference of two nearly equal means. The gradient test holds the fused gradient to 1e-6
 relative, or — where the reference itself is not determined that well — to twice the gap between
 the reference and the same reference compiled another way (the trained steps in one vmap vs one
-chunk per step; measured up to 1.2e-6 on these networks, the fused gap up to 1.4e-6).
+chunk per step; measured up to 1.2e-6 on these networks, the fused gap up to 1.4e-6); that second
+reference is compiled only for a teacher whose gap exceeds 1e-6.
 """
 
 import dataclasses
@@ -60,9 +61,11 @@ def test_fused_gradient_equals_the_two_pass_gradient(overrides):
     g, kl = fused(student, jnp.int32(teacher))
     assert kl.shape == kl_ref.shape == (setup.spec.num_train_steps, 4)
     np.testing.assert_allclose(kl, kl_ref, rtol=1e-5)
-    floor = _relative(g_ref, reassociated(student, jnp.int32(teacher))[0])
     gap = _relative(g_ref, g)
-    assert 0 < gap <= max(1e-6, 2 * floor), (gap, floor)
+    if gap > 1e-6:     # only then is the reference's own floor needed (one more compile)
+      floor = _relative(g_ref, reassociated(student, jnp.int32(teacher))[0])
+      assert gap <= 2 * floor, (gap, floor)
+    assert gap > 0
 
 
 def test_fused_rounds_on_a_mesh_follow_the_reference():
