@@ -23,21 +23,11 @@ from opd_jax.mini_world import grammar
 from opd_jax.mini_world import lexicon
 from opd_jax.mini_world import sprites
 from opd_jax.rewards import _inputs
+from opd_jax.rewards.ocr import levenshtein  # the real OCR reward's edit distance
 
 INK_LOW = 0.15
 INK_HIGH = 0.5
 _BLANK = len(lexicon.GLYPHS)  # class index of the empty cell
-
-
-def levenshtein(a: str, b: str) -> int:
-  """Edit distance (unit-cost insert, delete, substitute) between two strings."""
-  prev = list(range(len(b) + 1))
-  for i, ca in enumerate(a, 1):
-    cur = [i]
-    for j, cb in enumerate(b, 1):
-      cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-    prev = cur
-  return prev[-1]
 
 
 def ink_map(images: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ from opd_jax.models.aesthetic_head import AestheticHead
 from opd_jax.models.clip import PARTS, CLIPConfig, CLIPModel
 from opd_jax.models.loading.place import Shardings, load_state
 from opd_jax.models.loading.safetensors_io import (CONFIG_NAME, CheckpointError,
-                                                   CheckpointReader, read_config, read_json)
+                                                   CheckpointReader, read_config)
 
 WEIGHTS_NAME = 'model.safetensors'
 INDEX_NAME = WEIGHTS_NAME + '.index.json'
@@ -43,19 +43,12 @@ _PART_PREFIXES = {'text': ('text_model.', 'text_projection.'),
 def open_weights(folder: str | os.PathLike) -> CheckpointReader:
   """Opens a transformers folder's single-file or sharded safetensors weights."""
   folder = os.fspath(folder)
-  single, index = os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, INDEX_NAME)
-  if os.path.exists(index):
-    weight_map = read_json(index).get('weight_map')
-    if not isinstance(weight_map, dict):
-      raise CheckpointError(f'{index} has no "weight_map" object')
-    weight_map = {k: os.path.join(folder, f) for k, f in weight_map.items()}
-    return CheckpointReader(sorted(set(weight_map.values())), weight_map)
-  if os.path.exists(single):
-    return CheckpointReader([single])
-  hint = (' (pytorch_model.bin is not read: save the model with safetensors, e.g. '
-          'save_pretrained(..., safe_serialization=True))'
-          if os.path.exists(os.path.join(folder, 'pytorch_model.bin')) else '')
-  raise CheckpointError(f'{folder}: no {WEIGHTS_NAME} or {INDEX_NAME}{hint}')
+  if not any(os.path.exists(os.path.join(folder, f)) for f in (WEIGHTS_NAME, INDEX_NAME)):
+    hint = (' (pytorch_model.bin is not read: save the model with safetensors, e.g. '
+            'save_pretrained(..., safe_serialization=True))'
+            if os.path.exists(os.path.join(folder, 'pytorch_model.bin')) else '')
+    raise CheckpointError(f'{folder}: no {WEIGHTS_NAME} or {INDEX_NAME}{hint}')
+  return CheckpointReader.from_folder(folder, WEIGHTS_NAME)
 
 
 class _KeyView:

@@ -89,10 +89,13 @@ class CheckpointReader:
       raise
 
   @classmethod
-  def from_folder(cls, folder: str | os.PathLike) -> 'CheckpointReader':
-    """Opens `folder`'s single-file or sharded diffusers weights."""
+  def from_folder(cls, folder: str | os.PathLike, weights_name: str = WEIGHTS_NAME
+                  ) -> 'CheckpointReader':
+    """Opens `folder`'s single-file or sharded weights: `weights_name` (diffusers' by default;
+    transformers' is model.safetensors) or its `.index.json`."""
     folder = os.fspath(folder)
-    single, index = os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, INDEX_NAME)
+    index_name = weights_name + '.index.json'
+    single, index = os.path.join(folder, weights_name), os.path.join(folder, index_name)
     if os.path.exists(index):
       weight_map = read_json(index).get('weight_map')
       if not isinstance(weight_map, dict):
@@ -101,7 +104,7 @@ class CheckpointReader:
       return cls(sorted(set(weight_map.values())), weight_map)
     if os.path.exists(single):
       return cls([single])
-    raise CheckpointError(f'no {WEIGHTS_NAME} or {INDEX_NAME} in {folder}')
+    raise CheckpointError(f'no {weights_name} or {index_name} in {folder}')
 
   @classmethod
   def from_file(cls, path: str | os.PathLike) -> 'CheckpointReader':
