@@ -77,12 +77,21 @@ def evaluation() -> ml_collections.ConfigDict:
 
 def rl_data(tasks) -> ml_collections.ConfigDict:
   d = data()
+  d.source = 'mini_world'         # the TFDS train splits, encoded by the base's text encoder
   d.tasks = tuple(tasks)          # prompt sets {task}_train, each scored by its own reward
   d.batch_size = 8                # prompts per iteration (global; split evenly over joint tasks)
   d.batch_size_per_device = 0     # or: prompts per iteration per batch device
   d.group_size = 8                # images per prompt (a GRPO group)
+  d.sample_batches = 1            # sampler calls per iteration (rewards of one overlap the next)
   d.max_prompts = 0               # 0: the whole train split; n: its first n prompts
   return d
+
+
+def rl_rewards(tasks) -> ml_collections.ConfigDict:
+  """Each task scored by its own rule reward (opd_jax.rewards.registry)."""
+  r = ml_collections.ConfigDict()
+  r.tasks = ml_collections.ConfigDict({t: t for t in tasks})
+  return r
 
 
 def base() -> ml_collections.ConfigDict:

@@ -29,7 +29,9 @@ def get_config(arg: str | None = 'text') -> ml_collections.ConfigDict:
   c.trainer = 'grpo'
   c.seed = 0
   c.base = common.base()            # the pretrained base artifact (the recipe fills the path)
+  c.model = common.model()          # network sizes: the base artifact's (filled on load)
   c.data = common.rl_data(tasks)
+  c.rewards = common.rl_rewards(tasks)
   c.lora = sections.lora(8, 16.0)
 
   # Task schedule: 'joint' (every batch mixes all tasks) | 'cascade' (one task after another).

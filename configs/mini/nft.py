@@ -25,8 +25,10 @@ def get_config(arg: str | None = 'composition') -> ml_collections.ConfigDict:
   c.trainer = 'nft'
   c.seed = 0
   c.base = common.base()            # the pretrained base artifact (the recipe fills the path)
+  c.model = common.model()          # network sizes: the base artifact's (filled on load)
   c.data = common.rl_data(tasks)
   c.data.batch_size = 4             # NFT's regression signal needs fewer samples than GRPO
+  c.rewards = common.rl_rewards(tasks)
   c.lora = sections.lora(8, 16.0)
 
   c.schedule = ml_collections.ConfigDict()

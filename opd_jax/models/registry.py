@@ -63,3 +63,10 @@ def build_model(model_cfg, *, abstract: bool = False, **kwargs
   if abstract:
     return split_model(nnx.eval_shape(lambda: make_module(model_cfg, **kwargs)))
   return split_model(make_module(model_cfg, **kwargs))
+
+
+def abstract_module(model_cfg, lora_cfg) -> nnx.Module:
+  """The network with LoRA slots as shapes only (`nnx.eval_shape`): the structure that PEFT
+  adapters are read into and written from, without initialising any weight."""
+  return nnx.eval_shape(lambda: make_module(model_cfg, seed=0, lora_rank=lora_cfg.rank,
+                                            lora_alpha=lora_cfg.alpha))

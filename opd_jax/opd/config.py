@@ -6,17 +6,16 @@ from __future__ import annotations
 
 from opd_jax.errors import ConfigError
 from opd_jax.models.policy import KINDS
-from opd_jax.models.registry import ATTENTION, DTYPES, MODELS
 from opd_jax.objectives import OBJECTIVES
 from opd_jax.objectives.per_step_kl import KL_NORMALISERS, KL_REDUCTIONS
 from opd_jax.sampling.transitions import KERNELS
 from opd_jax.train import config_check as cc
+from opd_jax.train.bases import BASE_SOURCES
 
 SECTIONS = ('seed', 'trainer', 'base.source', 'base.path', 'model.name', 'lora', 'student.kind',
             'teachers.kind', 'teachers.source', 'teachers.tasks', 'data.source', 'data.tasks',
             'data.batch_size', 'data.batch_size_per_device', 'rollout', 'objective', 'optimizer',
             'ema', 'mesh.shape', 'train')
-BASE_SOURCES = ('random', 'mini_world', 'diffusers')
 TEACHER_SOURCES = ('random', 'artifacts', 'peft')
 PROMPT_SOURCES = ('random_embeddings', 'mini_world', 'sd3_embeddings')
 
@@ -35,27 +34,7 @@ def validate(c) -> None:
   cc.choice(c.teachers.source, 'teachers.source', TEACHER_SOURCES)
   cc.choice(c.data.source, 'data.source', PROMPT_SOURCES)
 
-  m = c.model
-  cc.choice(m.name, 'model.name', MODELS)
-  cc.choice(m.dtype, 'model.dtype', DTYPES)
-  cc.positive(m.latent_size, 'model.latent_size')
-  cc.positive(m.latent_channels, 'model.latent_channels')
-  if m.name == 'dit':
-    for f in ('patch_size', 'dim', 'depth', 'num_heads', 'context_dim', 'pooled_dim'):
-      cc.positive(m[f], f'model.{f}')
-    cc.check(m.latent_size % m.patch_size == 0, 'model.patch_size',
-             f'{m.patch_size} does not divide model.latent_size={m.latent_size}')
-    cc.check(m.dim % m.num_heads == 0, 'model.num_heads',
-             f'{m.num_heads} does not divide model.dim={m.dim}')
-  if m.name == 'sd3':   # sizes come from the checkpoint's config.json
-    cc.choice(m.param_dtype, 'model.param_dtype', DTYPES)
-    cc.choice(m.get('attention', ''), 'model.attention', ATTENTION)
-    for flag in ('float32_matmul_output', 'float32_residual', 'float32_output'):
-      cc.check(isinstance(m.get(flag, False), bool), f'model.{flag}',
-               f'True or False, got {m.get(flag)!r}')
-    cc.check(c.base.source == 'diffusers', 'base.source',
-             f"model 'sd3' loads its weights from a diffusers folder ('diffusers'), got "
-             f'{c.base.source!r}')
+  cc.validate_model(c)
   cc.choice(c.student.kind, 'student.kind', KINDS)
   cc.choice(c.teachers.kind, 'teachers.kind', KINDS)
   lora_used = 'lora' in (c.student.kind, c.teachers.kind)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from typing import Any, Callable
 
 import ml_collections
@@ -27,14 +26,7 @@ from flax import nnx
 from opd_jax.data.prompt_source import RandomEmbeddingPrompts, TablePrompts
 from opd_jax.errors import ConfigError, InputError
 from opd_jax.opd.config import BASE_SOURCES, PROMPT_SOURCES, TEACHER_SOURCES
-
-
-@dataclasses.dataclass
-class Base:
-  """The base network's weights (None: the seeded random init) and what came with them."""
-  params: Any = None
-  text_encoder: tuple[Any, Any] | None = None    # (graphdef, params) when the base has one
-  fingerprint: str = 'seeded'                     # content digest of the weights' source
+from opd_jax.train.bases import BASE_LOADERS, Base, require_dir
 
 
 @dataclasses.dataclass
@@ -55,92 +47,6 @@ class OPDInputs:
   fingerprint: dict                     # {input name: content digest}, compared on resume
 
 
-def _require_dir(path: str, field: str, what: str) -> str:
-  if not path:
-    raise ConfigError(f'config.{field}: no path given; set it to {what}')
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ConfigError(f'config.{field}: {path!r} is a file, not a directory (expected {what})')
-  if not os.path.isdir(path):
-    raise ConfigError(f'config.{field}: {path!r} does not exist (expected {what})')
-  return path
-
-
-# --- base ---------------------------------------------------------------------------------------
-def _random_base(config, mesh=None) -> Base:
-  return Base()
-
-
-def _mini_world_base(config, mesh=None) -> Base:
-  """A mini-world pretraining artifact (`artifacts.save_base`): DiT + frozen text encoder."""
-  from opd_jax.mini_world import artifacts
-  from opd_jax.mini_world.networks import build_networks
-  path = _require_dir(config.base.path, 'base.path', 'a mini-world base directory (the '
-                      'pretrain stage writes WORKDIR/pretrain/base)')
-  base = artifacts.load_base(path)
-  # The network is whatever the base was trained as; LoRA and dtype stay the run's choice.
-  for key, value in base.meta['model'].items():
-    if key not in ('dtype',):
-      config.model[key] = value
-  nets = build_networks(base.model_config, base.text_encoder_config, seed=0)
-  return Base(base.dit, (nets.text_graphdef, base.text_encoder), base.fingerprint)
-
-
-def _diffusers_base(config, mesh=None) -> Base:
-  """An SD3/SD3.5 transformer from a diffusers folder, loaded torch-free onto the mesh."""
-  from opd_jax.models.loading.pretrained import (load_mmdit, mmdit_config, resolve_folder,
-                                                 scheduler_shift)
-  from opd_jax.models.loading.safetensors_io import read_config
-  from opd_jax.models.lora import split_model
-  from opd_jax.models.registry import DTYPES, build_model
-  from opd_jax.parallel import sharding as shd
-  path = _require_dir(config.base.path, 'base.path',
-                      'a diffusers SD3/SD3.5 pipeline folder or its transformer/ folder')
-  if config.model.name != 'sd3':
-    raise ConfigError(f"config.model.name: base.source 'diffusers' loads an SD3 transformer; "
-                      f"set model.name to 'sd3' (got {config.model.name!r})")
-  folder = resolve_folder(path, 'transformer')
-  mmdit_config(folder)   # validates config.json: a bad one is an error naming the file
-  transformer = read_config(folder)
-  if config.rollout.shift == 0:   # the training schedule's shift, as the checkpoint ships it
-    given_transformer = os.path.normpath(folder) == os.path.normpath(path)
-    root = os.path.dirname(os.path.normpath(path)) if given_transformer else path
-    config.rollout.shift = scheduler_shift(root)
-  config.model.transformer = ml_collections.ConfigDict(
-      {k: v for k, v in transformer.items() if not k.startswith('_')})
-  if transformer.get('in_channels') != config.model.latent_channels:
-    raise ConfigError(f'config.model.latent_channels: {config.model.latent_channels} differs '
-                      f'from the checkpoint\'s in_channels {transformer.get("in_channels")}')
-  m = config.model
-  shardings = None
-  if mesh is not None:
-    _, base_state, _ = build_model(m, abstract=True, seed=0, lora_rank=0, lora_alpha=1.0)
-    shardings = shd.state_shardings(base_state, mesh)
-  module = load_mmdit(folder, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
-                      remat=m.remat, remat_policy=m.remat_policy or None, shardings=shardings)
-  return Base(nnx.to_pure_dict(split_model(module)[1]), fingerprint=_weights_fingerprint(folder))
-
-
-def _weights_fingerprint(folder: str) -> str:
-  """config.json's content plus each weight file's name and size (weights are GBs: not hashed)."""
-  import hashlib
-  h = hashlib.sha256()
-  for name in sorted(os.listdir(folder)):
-    path = os.path.join(folder, name)
-    if os.path.isfile(path):
-      h.update(f'{name}:{os.path.getsize(path)}'.encode())
-      if name.endswith('.json'):
-        with open(path, 'rb') as f:
-          h.update(f.read())
-  return h.hexdigest()
-
-
-BASE_LOADERS: dict[str, Callable[..., Base]] = {
-    'random': _random_base,
-    'mini_world': _mini_world_base,
-    'diffusers': _diffusers_base,
-}
-
-
 # --- teachers -----------------------------------------------------------------------------------
 def _random_teachers(config, base: Base) -> Teachers:
   return Teachers()   # opd_setup.build_opd draws seeded stand-ins of the right layout
@@ -150,7 +56,7 @@ def _teacher_paths(config, what: str) -> list[tuple[str, str]]:
   """(task, directory) of the declared teacher of every task, in data.tasks order."""
   out = []
   for task in config.data.tasks:
-    out.append((task, _require_dir(config.teachers.tasks[task].path,
+    out.append((task, require_dir(config.teachers.tasks[task].path,
                                    f'teachers.tasks.{task}.path', f'{what} of task {task!r}')))
   return out
 
@@ -183,9 +89,8 @@ def _peft_teachers(config, base: Base) -> Teachers:
   rank or a module outside the slots is an error naming the adapter.
   """
   from opd_jax.models.peft_io import load_lora_adapter
-  from opd_jax.models.registry import make_module
-  m, l = config.model, config.lora
-  model = nnx.eval_shape(lambda: make_module(m, seed=0, lora_rank=l.rank, lora_alpha=l.alpha))
+  from opd_jax.models.registry import abstract_module
+  model = abstract_module(config.model, config.lora)
   from opd_jax.fingerprint import directory_fingerprint
   out = Teachers([])
   for task, path in _teacher_paths(config, 'the PEFT adapter'):
@@ -235,7 +140,7 @@ def _sd3_embedding_prompts(config, base: Base, batch_per_task: int):
   import numpy as np
   from opd_jax.data import prompt_embeddings as pe
   d = config.data
-  path = _require_dir(d.embeddings_dir, 'data.embeddings_dir',
+  path = require_dir(d.embeddings_dir, 'data.embeddings_dir',
                       'a prompt-embedding cache (python -m opd_jax.tools.encode_prompts)')
   tables = []
   for task in d.tasks:

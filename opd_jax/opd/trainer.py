@@ -118,10 +118,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def export_student_peft(config, adapter, out_dir: str) -> str:
   """Writes the student adapter in PEFT format, loadable by diffusers + peft."""
-  from flax import nnx
   from opd_jax.models.peft_io import save_lora_adapter
-  from opd_jax.models.registry import make_module
-  m, l = config.model, config.lora
-  model = nnx.eval_shape(lambda: make_module(m, seed=0, lora_rank=l.rank, lora_alpha=l.alpha))
-  save_lora_adapter(jax.device_get(adapter), model, out_dir)
+  from opd_jax.models.registry import abstract_module
+  save_lora_adapter(jax.device_get(adapter), abstract_module(config.model, config.lora), out_dir)
   return out_dir

@@ -1,30 +1,17 @@
-"""Host-side rewards and group-normalised advantages of the RL trainers (Flow-GRPO, spec §7).
+"""Group-normalised advantages of the RL trainers (Flow-GRPO, spec §7).
 
-Every sample is scored by its own task's reward (`opd_jax.rewards.get_reward`) and normalised
-within its prompt group; the std comes from the group or from every sample of its task in the
-batch (Flow-GRPO's global std, taken per task so a multi-task batch never mixes reward scales).
+Every sample's reward (its own task's: `rl.scoring`) is normalised within its prompt group; the
+std comes from the group or from every sample of its task in the batch (Flow-GRPO's global std,
+taken per task so a multi-task batch never mixes reward scales).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
 from opd_jax.errors import ConfigError
-from opd_jax.rewards import get_reward
 
 STD_SCOPES = ('group', 'task')
-
-
-def compute_rewards(images: np.ndarray, prompts: Sequence[str], task: np.ndarray,
-                    task_names: Sequence[str]) -> np.ndarray:
-  """float32 [B]: every sample scored by its own task's reward (`get_reward(task name)`)."""
-  out = np.zeros(len(prompts), np.float32)
-  for k in np.unique(task):
-    sel = np.flatnonzero(task == k)
-    out[sel] = get_reward(task_names[k])(images[sel], [prompts[i] for i in sel])
-  return out
 
 
 def group_advantages(rewards: np.ndarray, group: np.ndarray, task: np.ndarray,

@@ -1,20 +1,23 @@
-"""Validation of an RL config (configs/mini/{grpo,nft,multitask_rl,cascade_rl}.py): one
-ConfigError naming the first bad field, before any network is built."""
+"""Validation of an RL config (configs/mini/{grpo,nft,multitask_rl,cascade_rl}.py,
+configs/teachers_sd35m.py): one ConfigError naming the first bad field, before any network is
+built."""
 
 from __future__ import annotations
 
 from opd_jax.errors import ConfigError
 from opd_jax.objectives.per_step_kl import KL_NORMALISERS, KL_REDUCTIONS
 from opd_jax.rl.advantages import STD_SCOPES
-from opd_jax.rl.prompts import SCHEDULE_MODES
+from opd_jax.rl.prompts import PROMPT_SOURCES, SCHEDULE_MODES
+from opd_jax.rl.scoring import REWARD_NAMES, RULE_REWARDS
 from opd_jax.sampling.transitions import KERNELS
 from opd_jax.train import config_check as cc
 
-SECTIONS = ('seed', 'trainer', 'base.source', 'base.path', 'data.tasks', 'data.batch_size',
-            'data.batch_size_per_device', 'data.group_size', 'data.max_prompts', 'data.data_dir',
-            'data.dataset_config', 'lora', 'schedule.mode', 'rollout', 'advantage.std_scope',
-            'optimizer', 'ema', 'mesh.shape', 'train.num_minibatches', 'train.inner_epochs')
-BASE_SOURCES = ('mini_world',)
+SECTIONS = ('seed', 'trainer', 'base.source', 'base.path', 'model.name', 'data.source',
+            'data.tasks', 'data.batch_size', 'data.batch_size_per_device', 'data.group_size',
+            'data.sample_batches', 'data.max_prompts', 'lora', 'rewards.tasks', 'schedule.mode',
+            'rollout', 'advantage.std_scope', 'optimizer', 'ema', 'mesh.shape',
+            'train.num_minibatches', 'train.inner_epochs')
+BASE_SOURCES = ('mini_world', 'diffusers')   # an RL teacher starts from a pretrained base
 
 
 def validate(c) -> None:
@@ -23,15 +26,31 @@ def validate(c) -> None:
   cc.require_sections(c, SECTIONS + (c.trainer,))
   cc.validate_common(c)
   cc.choice(c.base.source, 'base.source', BASE_SOURCES)
+  cc.validate_model(c)
   cc.validate_lora(c.lora)
   d = c.data
+  cc.choice(d.source, 'data.source', PROMPT_SOURCES)
   tasks = tuple(d.tasks)
   cc.check(len(tasks) > 0 and len(set(tasks)) == len(tasks), 'data.tasks',
            f'needs distinct tasks, got {tasks}')
+  if d.source == 'mini_world':
+    for t in tasks:
+      cc.choice(t, 'data.tasks', lexicon.TASKS)
+  else:
+    cc.check(bool(d.get('embeddings_dir', '')), 'data.embeddings_dir',
+             'no path given; set it to a prompt cache of python -m opd_jax.tools.encode_prompts')
+  declared = tuple(c.rewards.tasks.keys())
+  cc.check(set(declared) == set(tasks), 'rewards.tasks',
+           f'names a reward for {sorted(declared)}, the tasks are {sorted(tasks)}')
   for t in tasks:
-    cc.choice(t, 'data.tasks', lexicon.TASKS)
+    name = c.rewards.tasks[t]
+    cc.choice(name, f'rewards.tasks.{t}', REWARD_NAMES)
+    cc.check(name not in RULE_REWARDS or d.source == 'mini_world', f'rewards.tasks.{t}',
+             f"{name!r} is a mini-world rule reward; its images come from data.source "
+             "'mini_world' only")
   cc.validate_batch(d)
   cc.integer(d.group_size, 'data.group_size', 1)
+  cc.integer(d.sample_batches, 'data.sample_batches', 1)
   cc.integer(d.max_prompts, 'data.max_prompts', 0)
   cc.choice(c.schedule.mode, 'schedule.mode', SCHEDULE_MODES)
   cc.choice(c.advantage.std_scope, 'advantage.std_scope', STD_SCOPES)
@@ -82,6 +101,10 @@ def check_global_batch(c, batch_devices: int) -> int:
   """Prompts per iteration; its images (× group_size) and minibatches must split over devices."""
   prompts = cc.global_batch_size(c.data, batch_devices, must_split=False)
   images = prompts * c.data.group_size
+  k = c.data.sample_batches
+  cc.check(images % k == 0 and (images // k) % batch_devices == 0, 'data.sample_batches',
+           f'{k} chunks of the {images} images of an iteration do not each split over the '
+           f'{batch_devices} batch devices of the mesh')
   n = c.train.num_minibatches
   cc.check(images % n == 0, 'train.num_minibatches',
            f'{n} does not divide the {images} images of an iteration (data.batch_size × '

@@ -5,13 +5,18 @@
     share of the iterations each). One task is 'joint' over one set;
   * `RLPrompts`: per-task prompt sets, drawn in deterministic reshuffled epochs, each prompt
     repeated `group_size` times (a GRPO group); its position (prompts drawn per task) is saved
-    with checkpoints so a resumed run draws what an uninterrupted one would.
+    with checkpoints so a resumed run draws what an uninterrupted one would;
+  * `load_rl_prompts`: the sets of config.data.source — 'mini_world' (the TFDS train splits
+    encoded by the base's text encoder) or 'sd3_embeddings' (the SD3 cache of
+    `python -m opd_jax.tools.encode_prompts`, rows read on demand: a Pick-a-Pic train set is
+    25 432 prompts × 5.5 MB of float32 embeddings, too large to hold).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import os
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -20,6 +25,7 @@ from opd_jax.errors import ConfigError
 from opd_jax.mini_world import conditioning
 
 SCHEDULE_MODES = ('joint', 'cascade')
+PROMPT_SOURCES = ('mini_world', 'sd3_embeddings')
 
 
 def active_tasks(mode: str, num_tasks: int, step: int, num_steps: int) -> tuple[int, ...]:
@@ -46,6 +52,40 @@ class RLBatch:
   task: np.ndarray            # int32 [B], index into config.data.tasks
   group: np.ndarray           # int32 [B], the prompt's group id within the batch
   cond: dict[str, np.ndarray]  # conditioning with leading axis B
+  metadata: list[dict]        # [B] the prompt file's record (GenEval's tag/objects), or {}
+
+
+@dataclasses.dataclass
+class CachePromptSet:
+  """One task's prompts in an SD3 prompt-embedding cache, rows read when drawn."""
+  task: str
+  source: Any                 # random-access source of `prompt_embeddings.load_prompt_embeddings`
+  size: int
+
+  def __len__(self) -> int:
+    return self.size
+
+  def _rows(self, idx) -> list[dict]:
+    return [self.source[int(i)] for i in idx]
+
+  def take(self, idx: np.ndarray) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(prompts, {'context' [n, L, D], 'pooled' [n, P]}) of the rows `idx`."""
+    from opd_jax.data import prompt_embeddings as pe
+    rows = self._rows(idx)
+    cond = {'context': np.stack([r['prompt_embeds'] for r in rows]).astype(np.float32),
+            'pooled': np.stack([r['pooled_prompt_embeds'] for r in rows]).astype(np.float32)}
+    return [pe.decode_text(r['prompt']) for r in rows], cond
+
+  def metadata(self, idx: np.ndarray) -> list[dict]:
+    import json
+    from opd_jax.data import prompt_embeddings as pe
+    return [json.loads(pe.decode_text(r['prompt_metadata']) or '{}') for r in self._rows(idx)]
+
+
+def _metadata(prompt_set, idx: np.ndarray) -> list[dict]:
+  if isinstance(prompt_set, CachePromptSet):
+    return prompt_set.metadata(idx)
+  return [{} for _ in idx]        # the mini world's prompts carry everything in their text
 
 
 class RLPrompts:
@@ -72,10 +112,12 @@ class RLPrompts:
       raise ConfigError(f'config.data.batch_size: {self.prompts_per_step} prompts do not split '
                         f'evenly over the {len(tasks)} active tasks')
     per_task = self.prompts_per_step // len(tasks)
-    prompts, task_ids, conds = [], [], []
+    prompts, task_ids, conds, metadata = [], [], [], []
     for k in tasks:
-      p, c = self.sets[k].take(self._indices(k, per_task))
+      idx = self._indices(k, per_task)
+      p, c = self.sets[k].take(idx)
       prompts += p
+      metadata += _metadata(self.sets[k], idx)
       task_ids += [k] * per_task
       conds.append(c)
     cond = jax.tree.map(lambda *xs: np.repeat(np.concatenate(xs), self.group_size, axis=0),
@@ -83,7 +125,12 @@ class RLPrompts:
     g = self.group_size
     return RLBatch([p for p in prompts for _ in range(g)],
                    np.repeat(np.asarray(task_ids, np.int32), g),
-                   np.repeat(np.arange(len(prompts), dtype=np.int32), g), cond)
+                   np.repeat(np.arange(len(prompts), dtype=np.int32), g), cond,
+                   [m for m in metadata for _ in range(g)])
+
+  def example_cond(self) -> dict[str, np.ndarray]:
+    """The conditioning of one prompt (its structure and ranks give the shardings)."""
+    return self.sets[0].take(np.zeros(1, np.int64))[1]
 
   def get_position(self) -> dict:
     return {'drawn': list(self._drawn)}
@@ -92,10 +139,41 @@ class RLPrompts:
     self._drawn = [int(x) for x in position['drawn']]
 
 
-def load_rl_prompts(config, text_encoder: tuple, batch_size: int) -> RLPrompts:
-  """The train prompts of config.data.tasks, encoded once by the base's text encoder."""
+def load_rl_prompts(config, base, batch_size: int) -> tuple[RLPrompts, dict]:
+  """(train prompts of config.data.tasks, the empty prompt's conditioning) from
+  config.data.source; `base` (`train.bases.Base`) brings the mini world's text encoder."""
   d = config.data
-  sets = [conditioning.load_prompt_set(d.data_dir, task, 'train', *text_encoder,
-                                       d.dataset_config, d.max_prompts or None)
-          for task in d.tasks]
-  return RLPrompts(sets, batch_size, d.group_size, config.seed)
+  if d.source == 'mini_world':
+    if base.text_encoder is None:
+      raise ConfigError("config.data.source: 'mini_world' prompts need the mini-world base's "
+                        "text encoder (config.base.source = 'mini_world')")
+    sets = [conditioning.load_prompt_set(d.data_dir, task, 'train', *base.text_encoder,
+                                         d.dataset_config, d.max_prompts or None)
+            for task in d.tasks]
+    negative = conditioning.negative_conditioning(*base.text_encoder)
+  elif d.source == 'sd3_embeddings':
+    sets, negative = _cache_sets(config)
+  else:
+    raise ConfigError(f'config.data.source: {d.source!r} is not one of {PROMPT_SOURCES}')
+  return RLPrompts(sets, batch_size, d.group_size, config.seed), negative
+
+
+def _cache_sets(config) -> tuple[list[CachePromptSet], dict]:
+  from opd_jax.data import prompt_embeddings as pe
+  d = config.data
+  path = d.embeddings_dir
+  if not path or not os.path.isdir(path):
+    raise ConfigError(f'config.data.embeddings_dir: {path!r} is not a directory (a prompt '
+                      'cache of python -m opd_jax.tools.encode_prompts)')
+  sets = []
+  for task in d.tasks:
+    try:
+      source = pe.load_prompt_embeddings(path, task, 'train')
+    except (FileNotFoundError, KeyError) as e:
+      raise ConfigError(f'config.data.embeddings_dir: {e}') from None
+    n = len(source) if not d.max_prompts else min(len(source), d.max_prompts)
+    if n == 0:
+      raise ConfigError(f'config.data.embeddings_dir: task {task!r} has no prompts in {path}')
+    sets.append(CachePromptSet(task, source, n))
+  neg = pe.load_negative(path)
+  return sets, {'context': neg['prompt_embeds'][None], 'pooled': neg['pooled_prompt_embeds'][None]}

@@ -1,20 +1,19 @@
-"""The RL trainers' sampler: rollouts of the current (or old) policy with host-decoded images.
+"""The RL trainers' sampler: rollouts of the current (or old) policy and their decoded images.
 
 `mixed_rollout` runs `rollout.kernel` on the first `rollout.sde_steps` transitions and the Euler
-ODE after them; `jit_sampler` jits it with explicit shardings (batch split over the mesh). Keys
-come from (rng, iteration, sample index), so a sample does not depend on the device count.
+ODE after them; `jit_sampler` jits it and the base's decoder (the mini world's pixels, an SD3
+VAE) with explicit shardings (batch split over the mesh). Keys come from (rng, iteration, sample
+index), so a sample depends neither on the device count nor on how many chunks
+(`data.sample_batches`) an iteration is sampled in.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from opd_jax.errors import ConfigError
-from opd_jax.mini_world import latents as latent_codec
 from opd_jax.parallel import sharding as shd
 from opd_jax.sampling.guidance import broadcast_uncond
 from opd_jax.sampling.rollout import Trajectory, rollout, sample_keys
@@ -62,40 +61,61 @@ def mixed_rollout(velocity_fn, cond, uncond, keys, *, sigmas: np.ndarray, num_sd
 
 
 def make_sample_fn(setup, rollout_cfg):
-  """Un-jitted (adapter, frozen, cond, rng, iteration) → (Trajectory, images [B, S, S, 3]).
+  """Un-jitted (adapter, frozen, cond, rng, iteration, start) → (Trajectory, images [B, H, W, 3]).
 
   The sampler is config.rollout's kernel / noise level / CFG on its first `sde_steps`
   transitions and the Euler ODE after them; per-sample keys come from (rng, iteration, sample
-  index), so a sample does not depend on the device count.
+  index start + b), so a sample does not depend on the device count or the chunking.
   """
   policy, r = setup.policy, rollout_cfg
   cfg = float(r.cfg_scale)
   num_sde = sde_steps(r)
 
-  def sample(adapter, frozen, cond, rng, iteration):
+  def sample(adapter, frozen, cond, rng, iteration, start):
     batch = jax.tree.leaves(cond)[0].shape[0]
-    keys = sample_keys(rng, iteration, jnp.int32(0), batch)
+    keys = sample_keys(rng, iteration, jnp.int32(0), batch, start)
     with jax.named_scope('rollout'):
       traj = mixed_rollout(policy.student_velocity(adapter, frozen), cond,
                            uncond_for(frozen, batch, cfg), keys, sigmas=setup.sigmas,
                            num_sde=num_sde, latent_shape=setup.latent_shape, kernel=r.kernel,
                            noise_level=r.noise_level, cfg_scale=cfg,
                            logprob_reduction=r.logprob_reduction)
-    return traj, latent_codec.decode(traj.latents[-1], setup.unshuffle)
+    with jax.named_scope('decode'):
+      images = setup.decode(frozen['decoder'], traj.latents[-1])
+    return traj, images
 
   return sample
+
+
+def trajectory_shardings(setup) -> Trajectory:
+  """Per-sample fields split over the batch axis (axis 1: time-major), schedules replicated."""
+  rep = shd.replicated(setup.mesh)
+  nd = len(setup.latent_shape)
+  on_b = lambda n: shd.batch_sharding(setup.mesh, n, 1)
+  return Trajectory(latents=on_b(nd + 2), sigmas=rep, means=on_b(nd + 2), stds=rep,
+                    noise=on_b(nd + 2), log_probs=on_b(2))
 
 
 def jit_sampler(setup, rollout_cfg, cond_example: dict):
   """`make_sample_fn` jitted with explicit shardings (batch split over the mesh)."""
   mesh = setup.mesh
   rep = shd.replicated(mesh)
-  nd = len(setup.latent_shape)
-  on_b = lambda n: shd.batch_sharding(mesh, n, 1)
-  traj_sh = Trajectory(latents=on_b(nd + 2), sigmas=rep, means=on_b(nd + 2), stds=rep,
-                       noise=on_b(nd + 2), log_probs=on_b(2))
+  traj_sh = trajectory_shardings(setup)
   cond_sh = jax.tree.map(lambda x: shd.batch_sharding(mesh, np.ndim(x)), cond_example)
   return jax.jit(make_sample_fn(setup, rollout_cfg),
                  in_shardings=(setup.state_shardings.params, setup.frozen_shardings, cond_sh,
-                               rep, rep),
+                               rep, rep, rep),
                  out_shardings=(traj_sh, shd.batch_sharding(mesh, 4)))
+
+
+def jit_concat(setup):
+  """Trajectories of an iteration's chunks → one batch (axis 1 of the per-sample fields),
+  split over the mesh as the sampler's outputs are."""
+  def concat(trajs):
+    cat = lambda *xs: jnp.concatenate(xs, axis=1)
+    first = trajs[0]
+    return Trajectory(latents=cat(*[t.latents for t in trajs]), sigmas=first.sigmas,
+                      means=cat(*[t.means for t in trajs]), stds=first.stds,
+                      noise=cat(*[t.noise for t in trajs]),
+                      log_probs=cat(*[t.log_probs for t in trajs]))
+  return jax.jit(concat, out_shardings=trajectory_shardings(setup))

@@ -2,12 +2,15 @@
 inside the shared training loop.
 
 An iteration (one loop step) draws the active tasks' prompts (`prompts`), samples with the
-algorithm's sampling weights (`sampler`), scores every image with its task's reward on the host
-and normalises advantages per group (`advantages`), then hands them to the algorithm's jitted
-update (`grpo.GRPO`, `nft.NFT`: `config.trainer` picks one). Single-task teachers, the joint
-multi-task baseline and the cascade baseline all run through `run_rl`; at the end the adapter is
-saved as a teacher artifact in WORKDIR/teacher. Resume, checkpoints, NaN and preemption handling
-are the loop's (`opd_jax.train.loop`).
+algorithm's sampling weights (`sampler`) in `data.sample_batches` chunks, scores each chunk with
+its tasks' rewards in a worker thread while the device samples the next chunk (`scoring`),
+normalises advantages per group (`advantages`), then hands them to the algorithm's jitted update
+(`grpo.GRPO`, `nft.NFT`: `config.trainer` picks one). The same trainer runs on the mini world
+and on SD3/SD3.5 (`config.base.source`, `config.data.source`, `config.rewards.tasks`).
+Single-task teachers, the joint multi-task baseline and the cascade baseline all run through
+`run_rl`; at the end the adapter is saved as a teacher artifact in WORKDIR/teacher and, with
+`train.export_peft`, as a PEFT folder in WORKDIR/teacher_peft. Resume, checkpoints, NaN and
+preemption handling are the loop's (`opd_jax.train.loop`).
 """
 
 from __future__ import annotations
@@ -23,14 +26,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from opd_jax.errors import ConfigError
 from opd_jax.mini_world import artifacts
-from opd_jax.rl import advantages, grpo, nft, sampler
+from opd_jax.rl import advantages, grpo, nft, sampler, scoring
 from opd_jax.rl import config as rl_config
 from opd_jax.rl.prompts import RLPrompts, active_tasks, load_rl_prompts
-from opd_jax.rl.setup import RLSetup, build_rl, put_batch, save_teacher
+from opd_jax.rl.setup import RLSetup, build_rl, export_teacher_peft, put_batch, save_teacher
 from opd_jax.parallel.mesh import batch_axis_size, make_mesh
-from opd_jax.train import loop
+from opd_jax.train import bases, loop
 from opd_jax.train.metric_writer import read_metrics
 from opd_jax.train.probe import Probe
 
@@ -45,6 +47,8 @@ class RLTrainer:
   prompts: RLPrompts
   algorithm: Any                   # grpo.GRPO | nft.NFT
   sample_fn: Any
+  concat_fn: Any
+  scorer: scoring.AsyncScorer
   fingerprint: dict
   name: str = 'rl'
   metric_names: dict = dataclasses.field(default_factory=dict)
@@ -63,12 +67,21 @@ class RLTrainer:
     c = self.config
     tasks = list(c.data.tasks)
     rb = self.prompts.next(active_tasks(c.schedule.mode, len(tasks), step, c.train.num_steps))
-    cond = put_batch(self.setup.mesh, rb.cond)
-    traj, images = self.sample_fn(self.algorithm.sampler_params(state), self.setup.frozen, cond,
-                                  state.rng, jnp.int32(step))
-    rewards = advantages.compute_rewards(np.asarray(images), rb.prompts, rb.task, tasks)
+    size = len(rb.prompts)
+    chunk = size // c.data.sample_batches
+    params = self.algorithm.sampler_params(state)
+    trajs = []
+    for start in range(0, size, chunk):
+      cond = put_batch(self.setup.mesh, jax.tree.map(lambda x: x[start:start + chunk], rb.cond))
+      traj, images = self.sample_fn(params, self.setup.frozen, cond, state.rng,
+                                    jnp.int32(step), jnp.int32(start))
+      self.scorer.submit(images, start, rb.prompts, rb.metadata, rb.task)  # overlaps sampling
+      trajs.append(traj)
+    traj = trajs[0] if len(trajs) == 1 else self.concat_fn(trajs)
+    rewards = self.scorer.collect(size)
     adv = advantages.group_advantages(rewards, rb.group, rb.task, c.advantage.std_scope)
-    state, metrics = self.algorithm.update(state, traj, cond, adv, step)
+    state, metrics = self.algorithm.update(state, traj, put_batch(self.setup.mesh, rb.cond),
+                                           adv, step)
     host = {f'reward/{t}': float(rewards[rb.task == k].mean())
             for k, t in enumerate(tasks) if np.any(rb.task == k)}
     host['reward_std'] = float(rewards.std())
@@ -87,37 +100,36 @@ class RLTrainer:
     return state.ema_params if self.config.ema.use_ema else state.params
 
 
-def _load_base(config, base) -> tuple[artifacts.BaseModel, str]:
+def _load_base(config, base, mesh) -> bases.Base:
+  """The base `config.base` names, or the one given (a mini-world artifact or its directory,
+  as the recipe passes it); fills config.model from it."""
   if isinstance(base, artifacts.BaseModel):
-    return base, 'given'
-  path = base or config.base.path
-  if not path:
-    raise ConfigError('config.base.path: no path given; set it to a pretrained mini-world base '
-                      '(WORKDIR/pretrain/base of the recipe)')
-  if not os.path.isdir(path):
-    raise ConfigError(f'config.base.path: {path!r} is not a directory (expected a pretrained '
-                      'mini-world base, WORKDIR/pretrain/base of the recipe)')
-  base = artifacts.load_base(path)
-  return base, base.fingerprint
+    return bases.mini_world_base(config, base)
+  if base is not None:
+    config.base.path = base
+  return bases.load_base(config, mesh)
 
 
 def prepare(config: ml_collections.ConfigDict, base=None, mesh=None) -> RLTrainer:
-  """Validates the config, loads base and prompts and builds the jitted sampler and update."""
+  """Validates the config, loads base, prompts and rewards, builds the jitted sampler and
+  update (nothing compiled yet)."""
   rl_config.validate(config)
   mesh = mesh or make_mesh(config.mesh.shape.to_dict())
   batch = rl_config.check_global_batch(config, batch_axis_size(mesh))
-  base, base_fingerprint = _load_base(config, base)
   config = ml_collections.ConfigDict(config.to_dict())   # a copy with the resolved batch
   config.data.batch_size, config.data.batch_size_per_device = batch, 0
+  base = _load_base(config, base, mesh)
+  rl_config.validate(config)    # again: the base has set the network's sizes
+  prompts, negative = load_rl_prompts(config, base, batch)
+  rewards = scoring.load_task_rewards(config, mesh)
   algorithm_module = ALGORITHMS[config.trainer]
-  setup = build_rl(config, mesh, base, extra_init=algorithm_module.extra_init)
-  prompts = load_rl_prompts(config, (setup.nets.text_graphdef, base.text_encoder), batch)
-  cond_example = prompts.sets[0].cond
+  setup = build_rl(config, mesh, base, negative, extra_init=algorithm_module.extra_init)
+  cond_example = prompts.example_cond()
   algorithm = algorithm_module.build(config, setup, cond_example)
   sample_fn = sampler.jit_sampler(setup, config.rollout, cond_example)
-  fingerprint = {'base': base_fingerprint,
-                 'prompts': [len(s) for s in prompts.sets]}
-  return RLTrainer(config, setup, prompts, algorithm, sample_fn, fingerprint, config.trainer)
+  fingerprint = {'base': base.fingerprint, 'prompts': [len(s) for s in prompts.sets]}
+  return RLTrainer(config, setup, prompts, algorithm, sample_fn, sampler.jit_concat(setup),
+                   scoring.AsyncScorer(rewards), fingerprint, config.trainer)
 
 
 def reward_history(workdir: str, tasks) -> list[dict]:
@@ -130,8 +142,10 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str, base=None, *, mesh=N
   """Trains (or resumes) the RL teacher `config.trainer` and saves it under workdir/teacher.
 
   Args:
-    config: a configs/mini/{grpo,nft,multitask_rl,cascade_rl}.py config.
-    workdir: output directory (metrics.jsonl, tensorboard/, checkpoints/, teacher/).
+    config: a configs/mini/{grpo,grpo_guard,nft,multitask_rl,cascade_rl}.py or
+      configs/teachers_sd35m.py config.
+    workdir: output directory (metrics.jsonl, tensorboard/, checkpoints/, teacher/, and
+      teacher_peft/ with train.export_peft).
     base: the pretrained base artifact or its directory (default: config.base.path).
     mesh: optional device mesh (default: from config.mesh.shape).
     probe: optional evaluation during training, off the clock (`opd_jax.train.probe`).
@@ -142,9 +156,16 @@ def run_rl(config: ml_collections.ConfigDict, workdir: str, base=None, *, mesh=N
   """
   started = time.time()
   trainer = prepare(config, base, mesh)
-  result = loop.run(trainer, trainer.config, workdir, probe, started=started)
-  teacher_dir = save_teacher(os.path.join(workdir, 'teacher'), result.state, trainer.config,
-                             trainer.config.train.num_steps)
+  try:
+    result = loop.run(trainer, trainer.config, workdir, probe, started=started)
+  finally:
+    trainer.scorer.close()
+  c = trainer.config
+  teacher_dir = os.path.join(workdir, 'teacher')
+  if jax.process_index() == 0:
+    save_teacher(teacher_dir, result.state, c, c.train.num_steps)
+    if c.train.get('export_peft', False):
+      export_teacher_peft(c, result.state, os.path.join(workdir, 'teacher_peft'))
   return {'teacher_dir': teacher_dir, 'wall_s': result.train_seconds,
           'steps': trainer.config.train.num_steps, 'metrics': result.metrics,
           'reward_history': reward_history(workdir, trainer.config.data.tasks)}

@@ -35,13 +35,15 @@ class Trajectory(NamedTuple):
   log_probs: jax.Array
 
 
-def sample_keys(rng: jax.Array, step: jax.Array, stream: jax.Array, batch: int) -> jax.Array:
+def sample_keys(rng: jax.Array, step: jax.Array, stream: jax.Array, batch: int,
+                start: jax.Array | int = 0) -> jax.Array:
   """Per-sample keys [B, 2] from (step, stream, sample index): independent of the device count.
 
-  `stream` separates independent draws of one step (e.g. the tasks of an OPD round).
+  `stream` separates independent draws of one step (e.g. the tasks of an OPD round); `start`
+  is the first sample's index, so a batch drawn in chunks gets the keys of the whole batch.
   """
   base = jax.random.fold_in(jax.random.fold_in(rng, step), stream)
-  return jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(batch))
+  return jax.vmap(lambda b: jax.random.fold_in(base, b))(start + jnp.arange(batch))
 
 
 def sample_noise(keys: jax.Array, latent_shape: Sequence[int], num_steps: int):

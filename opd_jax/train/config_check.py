@@ -142,6 +142,34 @@ def global_batch_size(d, batch_devices: int, must_split: bool = True) -> int:
   return int(d.batch_size_per_device) * batch_devices
 
 
+
+def validate_model(c) -> None:
+  """config.model: the network by name and its sizes; an SD3 network takes its sizes from the
+  checkpoint (config.base.source 'diffusers'), a DiT's are checked here."""
+  from opd_jax.models.registry import ATTENTION, DTYPES, MODELS
+  m = c.model
+  choice(m.name, 'model.name', MODELS)
+  choice(m.dtype, 'model.dtype', DTYPES)
+  positive(m.latent_size, 'model.latent_size')
+  positive(m.latent_channels, 'model.latent_channels')
+  if m.name == 'dit':
+    for f in ('patch_size', 'dim', 'depth', 'num_heads', 'context_dim', 'pooled_dim'):
+      positive(m[f], f'model.{f}')
+    check(m.latent_size % m.patch_size == 0, 'model.patch_size',
+             f'{m.patch_size} does not divide model.latent_size={m.latent_size}')
+    check(m.dim % m.num_heads == 0, 'model.num_heads',
+             f'{m.num_heads} does not divide model.dim={m.dim}')
+  if m.name == 'sd3':   # sizes come from the checkpoint's config.json
+    choice(m.param_dtype, 'model.param_dtype', DTYPES)
+    choice(m.get('attention', ''), 'model.attention', ATTENTION)
+    for flag in ('float32_matmul_output', 'float32_residual', 'float32_output'):
+      check(isinstance(m.get(flag, False), bool), f'model.{flag}',
+               f'True or False, got {m.get(flag)!r}')
+    check(c.base.source == 'diffusers', 'base.source',
+             f"model 'sd3' loads its weights from a diffusers folder ('diffusers'), got "
+             f'{c.base.source!r}')
+
+
 def validate_common(c) -> None:
   """The sections every trainer has: optimizer, ema, mesh, train (and seed)."""
   integer(c.seed, 'seed', 0)
