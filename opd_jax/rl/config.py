@@ -61,7 +61,10 @@ def validate(c) -> None:
 
   r = c.rollout
   cc.integer(r.num_steps, 'rollout.num_steps', 1)
-  cc.positive(r.shift, 'rollout.shift')
+  if c.base.source == 'diffusers':   # 0: the checkpoint's scheduler shift (read on load)
+    cc.non_negative(r.shift, 'rollout.shift')
+  else:
+    cc.positive(r.shift, 'rollout.shift')
   cc.choice(r.kernel, 'rollout.kernel', KERNELS)
   cc.non_negative(r.noise_level, 'rollout.noise_level')
   cc.check(r.cfg_scale >= 1.0, 'rollout.cfg_scale', f'must be >= 1, got {r.cfg_scale}')

@@ -1,0 +1,196 @@
+"""Stage 1 on SD3.5 end to end (configs/teachers_sd35m.py) on tiny random models built here.
+
+A tiny SD3.5-architecture pipeline (dual attention + RMS qk-norm, its VAE decoding the images
+the rewards score) is saved as a diffusers folder, the prompt cache is made by
+`python -m opd_jax.tools.encode_prompts`, and tiny CLIP reward weights are written as HF
+folders. Each RL trainer then runs on it through the real config: rollouts sampled in chunks
+whose rewards are scored in a worker thread, the tiny PickScore on one task and an easy reward
+(image brightness, standing in for the OCR reward's loader) on the other, which the policy must
+visibly climb. DiffusionNFT (θ_old in its state) resumes bit for bit and its PEFT export gives,
+in diffusers + peft, the JAX teacher's velocities; one RL step on a 4 data × 2 fsdp mesh equals
+the single-device step.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import torch
+from flax import nnx
+from peft import PeftModel
+
+from configs.teachers_sd35m import get_config
+from opd_jax.models.loading.pretrained import load_mmdit
+from opd_jax.models.lora import split_model
+from opd_jax.parallel.mesh import make_mesh
+from opd_jax.rl import scoring
+from opd_jax.rl.trainer import prepare, run_rl
+from opd_jax.train.metric_writer import read_metrics
+
+import clip_testing
+from sd3_testing import tiny_pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SD35 = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+            dual_attention_layers=(0,), qk_norm='rms_norm', pos_embed_max_size=8)
+PROMPTS = {'text': ['a sign that says "OPEN"', 'the word "cat" on a wall', 'a label "7"',
+                    'a shirt printed "hi"'],
+           'aesthetics': ['a calm lake at dawn', 'a colourful garden', 'a misty forest',
+                          'a red cat']}
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+  root = tmp_path_factory.mktemp('sd35_rl')
+  pipe = tiny_pipeline(**SD35)
+  with torch.no_grad():   # a non-trivial base (diffusers zero-inits the output layers)
+    for p in pipe.transformer.parameters():
+      p.normal_(0.0, 0.1)
+  pipe.save_pretrained(root / 'sd35')
+  specs = []
+  for task, prompts in PROMPTS.items():
+    (root / f'{task}.txt').write_text('\n'.join(prompts) + '\n')
+    specs.append(f'{task}={root / f"{task}.txt"}')
+  proc = subprocess.run([sys.executable, '-m', 'opd_jax.tools.encode_prompts',
+                         f'--model_dir={root / "sd35"}', f'--out_dir={root / "cache"}',
+                         f'--prompts={",".join(specs)}', '--max_sequence_length=8'],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  _, _, _, folders = clip_testing.reward_models(root / 'rewards')
+  return {'base': str(root / 'sd35'), 'cache': str(root / 'cache'), 'rewards': folders}
+
+
+def _brightness(name, config, mesh):
+  return lambda images, prompts, metadata: np.asarray(images, np.float32).mean(axis=(1, 2, 3))
+
+
+@pytest.fixture
+def easy_text_reward(monkeypatch):
+  """The 'ocr' reward's loader gives image brightness (tiny random models cannot write text)."""
+  monkeypatch.setitem(scoring.LOADERS, 'ocr', _brightness)
+
+
+def _config(files, trainer: str, steps: int, **overrides):
+  c = get_config('multitask' if trainer != 'nft' else 'cascade')
+  c.trainer = trainer
+  c.schedule.mode = 'joint'
+  c.data.tasks = ('text', 'aesthetics')
+  with c.unlocked():
+    c.rewards.tasks = {'text': 'ocr', 'aesthetics': 'pickscore'}
+  c.rewards.update(pickscore=files['rewards']['pickscore'], clip=files['rewards']['clip'],
+                   batch_size=4)
+  c.base.path = files['base']
+  c.data.embeddings_dir = files['cache']
+  c.model.update(latent_size=8, latent_channels=4, dtype='float32', param_dtype='float32',
+                 float32_matmul_output=False, float32_residual=False, float32_output=False)
+  c.lora.update(rank=4, alpha=8.0)
+  c.data.update(batch_size=4, group_size=4, sample_batches=2)
+  c.rollout.num_steps = 4
+  c.ema.update(every=1)
+  c.train.update(num_steps=steps, checkpoint_every=2, async_checkpoints=False)
+  for key, value in overrides.items():
+    section, field = key.split('.')
+    c[section][field] = value
+  return c
+
+
+def _mesh(shape=None, n=1):
+  return make_mesh(shape or {'data': n}, jax.devices()[:n])
+
+
+RISE = {'grpo': {'optimizer.lr': 3e-2, 'grpo.clip_range': 0.05},
+        'nft': {'optimizer.lr': 3e-2}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('trainer', sorted(RISE))
+def test_teacher_climbs_an_easy_reward(files, easy_text_reward, tmp_path, trainer):
+  out = run_rl(_config(files, trainer, 12, **RISE[trainer]), str(tmp_path), mesh=_mesh(n=2))
+  rows = read_metrics(str(tmp_path))
+  assert [r['step'] for r in rows] == list(range(1, 13))
+  curve = np.array([r['reward/text'] for r in rows])
+  first, last = curve[:4], curve[-4:]
+  se = np.sqrt(first.var(ddof=1) / 4 + last.var(ddof=1) / 4)
+  assert last.mean() - first.mean() > 3 * se, curve
+  # The tiny PickScore scored the other task on every iteration.
+  picks = np.array([r['reward/aesthetics'] for r in rows])
+  assert np.all(np.isfinite(picks)) and np.ptp(picks) > 0
+  assert os.path.isdir(out['teacher_dir'])
+  assert os.path.exists(os.path.join(tmp_path, 'teacher_peft', 'adapter_config.json'))
+
+
+def _saved_state(workdir, step: int) -> dict:
+  with ocp.StandardCheckpointer() as checkpointer:
+    tree = checkpointer.restore(os.path.join(workdir, 'checkpoints', str(step), 'state'))
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(path): np.asarray(x) for path, x in flat}
+
+
+@pytest.mark.slow
+def test_nft_resumes_exactly_and_its_peft_export_loads_in_diffusers(files, easy_text_reward,
+                                                                     tmp_path):
+  config = _config(files, 'nft', 4, **{'nft.old_decay': 0.5})
+  full = tmp_path / 'full'
+  run_rl(config, str(full), mesh=_mesh(n=2))
+  resumed = tmp_path / 'resumed'
+  shutil.copytree(full, resumed)
+  shutil.rmtree(resumed / 'checkpoints' / '4')
+  for out in ('teacher', 'teacher_peft'):
+    shutil.rmtree(resumed / out)
+  run_rl(config, str(resumed), mesh=_mesh(n=2))
+  a, b = _saved_state(full, 4), _saved_state(resumed, 4)
+  assert sorted(a) == sorted(b) and any(k.startswith("['extra']['old']") for k in a)
+  assert [k for k in a if not np.array_equal(a[k], b[k])] == []
+  strip = lambda r: {k: v for k, v in r.items() if k != 'train_seconds'}
+  assert [strip(r) for r in read_metrics(str(resumed))] == [
+      strip(r) for r in read_metrics(str(full))]
+
+  # The PEFT teacher (EMA weights), in diffusers + peft, gives the JAX teacher's velocities.
+  ema = {k[len("['ema_params']"):]: v for k, v in a.items() if k.startswith("['ema_params']")}
+  graphdef, base, lora = split_model(load_mmdit(files['base'], lora_rank=4, lora_alpha=8.0))
+  flat, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(lora))
+  adapter = jax.tree_util.tree_unflatten(
+      treedef, [jnp.asarray(ema[jax.tree_util.keystr(p)]) for p, _ in flat])
+  model = nnx.merge(graphdef, nnx.to_pure_dict(base), adapter)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+  ctx = rng.standard_normal((2, 5, 96)).astype(np.float32)
+  pooled = rng.standard_normal((2, 80)).astype(np.float32)
+  ts = np.array([900.0, 300.0], np.float32)
+  ours = np.asarray(model(jnp.asarray(x), jnp.asarray(ts), jnp.asarray(ctx), jnp.asarray(pooled)))
+  from diffusers import SD3Transformer2DModel
+  torch_model = PeftModel.from_pretrained(
+      SD3Transformer2DModel.from_pretrained(os.path.join(files['base'], 'transformer')),
+      str(full / 'teacher_peft')).eval()
+  with torch.no_grad():
+    ref = torch_model(hidden_states=torch.from_numpy(x.transpose(0, 3, 1, 2)),
+                      encoder_hidden_states=torch.from_numpy(ctx),
+                      pooled_projections=torch.from_numpy(pooled),
+                      timestep=torch.from_numpy(ts)).sample.numpy().transpose(0, 2, 3, 1)
+  base_out = np.asarray(nnx.merge(graphdef, nnx.to_pure_dict(base), nnx.to_pure_dict(lora))(
+      jnp.asarray(x), jnp.asarray(ts), jnp.asarray(ctx), jnp.asarray(pooled)))
+  assert np.abs(ours - base_out).max() > 1e-3     # the teacher moved: the check has teeth
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_one_rl_step_on_a_4x2_mesh_equals_one_device(files, easy_text_reward):
+  config = _config(files, 'grpo', 1, **{'optimizer.lr': 1e-2})
+  out = {}
+  for name, mesh in (('one', _mesh(n=1)), ('mesh', _mesh({'data': 4, 'fsdp': 2}, 8))):
+    trainer = prepare(config, mesh=mesh)
+    state, metrics = trainer.step(trainer.init_state(), 0)
+    out[name] = (jax.device_get(state.params), jax.device_get(metrics))
+    trainer.scorer.close()
+  (p1, m1), (p8, m8) = out['one'], out['mesh']
+  assert float(m1['grad_norm']) > 0
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  for k in ('reward/text', 'reward/aesthetics', 'loss'):
+    np.testing.assert_allclose(m1[k], m8[k], rtol=1e-4, atol=1e-6)
