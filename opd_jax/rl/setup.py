@@ -15,6 +15,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -132,3 +133,30 @@ def export_teacher_peft(config, state: TrainState, out_dir: str) -> str:
   save_lora_adapter(jax.device_get(saved_params(state, config)),
                     abstract_module(config.model, config.lora), out_dir)
   return out_dir
+
+
+def microbatched_value_and_grad(loss_fn, params: Any, rows: jax.Array, num_microbatches: int):
+  """(mean loss, aux stacked over micro-batches [n, ...], mean grads) of
+  `loss_fn(params, rows_i, i) -> (loss, aux)` over n = num_microbatches equal micro-batches.
+
+  `rows` (int [R]) are the minibatch's batch rows; `loss_fn` gathers its own inputs from them
+  (and folds the micro-batch index i into any key it draws).
+  One micro-batch's activations live at a time (a `lax.scan` accumulating float32 gradients):
+  what makes an SD3.5-M minibatch of hundreds of images fit, where the mean of the micro-batch
+  means equals the minibatch mean since the micro-batches are equal.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if num_microbatches == 1:
+    (loss, aux), grads = grad_fn(params, rows, jnp.int32(0))
+    return loss, jax.tree.map(lambda x: x[None], aux), grads
+  micro = rows.reshape(num_microbatches, -1)
+
+  def body(acc, xs):
+    i, rows_i = xs
+    (loss, aux), grads = grad_fn(params, rows_i, i)
+    return jax.tree.map(jnp.add, acc, grads), (loss, aux)
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  total, (losses, auxes) = jax.lax.scan(body, zeros, (jnp.arange(num_microbatches), micro))
+  return (jnp.mean(losses), auxes,
+          jax.tree.map(lambda g, p: (g / num_microbatches).astype(p.dtype), total, params))
