@@ -1,4 +1,5 @@
-"""Flow-GRPO on the mini world: advantages, task schedule, ratio == 1, a smoke run, learning."""
+"""Flow-GRPO and GRPO-Guard on the mini world: advantages, task schedule, ratio == 1, a smoke run,
+learning. (GRPO-Guard's formulas: test_grpo_guard.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -119,20 +120,26 @@ def test_ratio_is_exactly_one_on_the_first_inner_step():
   np.testing.assert_allclose(ref_terms['kl'], 0.0, atol=1e-10)
 
 
-def test_multitask_grpo_smoke_run_saves_a_teacher_usable_by_opd(tmp_path):
-  """configs/mini/multitask_rl.py:grpo (joint over all tasks) via run_rl, on a 2-device mesh;
-  the saved adapter then serves as frozen OPD teachers."""
-  config = mini_testing.tiny_rl_config(multitask_rl_config, 'grpo',
+def test_multitask_grpo_guard_smoke_run_saves_a_teacher_usable_by_opd(tmp_path):
+  """configs/mini/multitask_rl.py:grpo_guard (joint over all tasks; the paper's multi-task
+  baseline) via run_rl, on a 2-device mesh; the saved adapter then serves as frozen OPD teachers.
+
+  GRPO-Guard runs Flow-GRPO's code plus the recorded means (split over the mesh like the
+  latents): the first minibatch's ratio is 1, the later ones carry a positive bias. Flow-GRPO
+  itself runs through the trainer in test_rl_pretrain_resume and test_recipe.
+  """
+  config = mini_testing.tiny_rl_config(multitask_rl_config, 'grpo_guard',
                                        **{'train.inner_epochs': 2, 'grpo.kl_beta': 0.04})
   assert config.data.batch_size == 3 and config.advantage.std_scope == 'task'
   out = run_rl(config, str(tmp_path), mini_testing.tiny_base_dir(),
                mesh=mini_testing.mesh_of(2))
   m = out['metrics']
   assert np.isfinite(m['loss']) and m['first_ratio_max_dev'] < 1e-5 and m['kl'] > 0
+  assert np.isfinite(m['policy_loss']) and m['guard_bias'] > 0
   assert len(out['reward_history']) == 2 and out['wall_s'] > 0
   assert all(np.isfinite(v) for v in out['reward_history'][0].values())
   teacher = load_adapter(out['teacher_dir'])
-  assert teacher.meta['tasks'] == list(common.TASKS)
+  assert teacher.meta['tasks'] == list(common.TASKS) and teacher.meta['stage'] == 'grpo_guard'
   assert teacher.cfg_scale == config.rollout.cfg_scale
   assert any(np.abs(x).max() > 0 for x in jax.tree.leaves(teacher.params))
 
