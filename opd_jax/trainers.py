@@ -2,6 +2,7 @@
 
     opd        DiffusionOPD (stage 2)                      opd_jax.opd.trainer
     grpo       Flow-GRPO teachers and baselines (stage 1)  opd_jax.rl.trainer
+    grpo_guard GRPO-Guard (Flow-GRPO, normalised ratio)    opd_jax.rl.trainer
     nft        DiffusionNFT teachers and baselines         opd_jax.rl.trainer
     pretrain   the mini world's base                       opd_jax.pretrain.trainer
     recipe     a chain of cached stages (configs/opd.py)   opd_jax.recipe.mini_world
@@ -29,6 +30,7 @@ class Entry:
 TRAINERS: dict[str, Entry] = {
     'opd': Entry('opd_jax.opd.config:validate', 'opd_jax.opd.trainer:run'),
     'grpo': Entry('opd_jax.rl.config:validate', 'opd_jax.rl.trainer:run'),
+    'grpo_guard': Entry('opd_jax.rl.config:validate', 'opd_jax.rl.trainer:run'),
     'nft': Entry('opd_jax.rl.config:validate', 'opd_jax.rl.trainer:run'),
     'pretrain': Entry('opd_jax.pretrain.trainer:validate', 'opd_jax.pretrain.trainer:run'),
     'recipe': Entry('opd_jax.recipe.mini_world:validate', 'opd_jax.recipe.mini_world:run'),

@@ -71,3 +71,22 @@ def tiny_rl_config(module, arg: str, **kv):
   c.eval.batch_size = 4
   c.eval.num_steps = 4
   return override(c, **kv)
+
+
+def rl_setup(config, mesh=None, extra_init=None):
+  """(config with the base's sizes, RLSetup, RLPrompts, train.bases.Base) on the tiny base."""
+  from opd_jax.rl.prompts import load_rl_prompts
+  from opd_jax.rl.setup import build_rl
+  from opd_jax.train.bases import mini_world_base
+  base = mini_world_base(config, tiny_base())
+  prompts, negative = load_rl_prompts(config, base, config.data.batch_size)
+  setup = build_rl(config, mesh or mesh_of(1), base, negative, extra_init=extra_init)
+  return config, setup, prompts, base
+
+
+def brightness_reward(monkeypatch, task: str) -> None:
+  """Task `task` scored by mean image brightness (the tiny base draws near-noise, where the
+  task rewards are almost flat), through the trainer's own reward loading."""
+  from opd_jax.rl import scoring
+  monkeypatch.setitem(scoring.LOADERS, task, lambda name, config, mesh: (
+      lambda images, prompts, metadata: images.mean(axis=(1, 2, 3))))

@@ -346,6 +346,11 @@ CASES = [
                            config='configs/mini/grpo.py:text,smoke'), id='main-rl-bad-task'),
     pytest.param(main_case(['--config.rollout.sde_steps=99'], 'config.rollout.sde_steps',
                            config='configs/mini/nft.py:text,smoke'), id='main-nft-sde-steps'),
+    pytest.param(main_case(['--config.nft.weighting=x0'], 'config.nft.weighting',
+                           config='configs/mini/nft.py:text,smoke'), id='main-nft-weighting'),
+    pytest.param(main_case(['--config.grpo.guard_bias=global'], 'config.grpo.guard_bias',
+                           config='configs/mini/grpo_guard.py:text,smoke'),
+                 id='main-grpo-guard-bias'),
     pytest.param(main_case(['--config.pretrain.prompt_dropout=1'], 'config.pretrain.prompt_dropout',
                            config='configs/mini/pretrain.py:smoke'), id='main-pretrain-dropout'),
     # a run that diverges to NaN: tests/test_loop.py (also checks that nothing is saved)

@@ -1,4 +1,5 @@
-"""Flow-GRPO on the mini world: advantages, task schedule, ratio == 1, a smoke run, learning."""
+"""Flow-GRPO and GRPO-Guard on the mini world: advantages, task schedule, ratio == 1, a smoke run,
+learning. (GRPO-Guard's formulas: test_grpo_guard.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,6 @@ from configs.mini import grpo as grpo_config
 from configs.mini import multitask_rl as multitask_rl_config
 from opd_jax.mini_world import conditioning
 from opd_jax.rl import advantages, grpo, prompts, sampler
-from opd_jax.rl import setup as rl_setup
 from opd_jax.mini_world.artifacts import load_adapter
 from opd_jax.opd.setup import build_opd, device_batch
 from opd_jax.rl.trainer import run_rl
@@ -91,11 +91,7 @@ def _tiny_grpo(**kv):
 def test_ratio_is_exactly_one_on_the_first_inner_step():
   """Recomputed log-probs at the rollout's states equal the recorded ones (θ = θ_old)."""
   config = _tiny_grpo()
-  base = mini_testing.tiny_base()
-  mesh = mini_testing.mesh_of(1)
-  setup = rl_setup.build_rl(config, mesh, base)
-  rl_prompts = prompts.load_rl_prompts(config, (setup.nets.text_graphdef, base.text_encoder),
-                                       config.data.batch_size)
+  config, setup, rl_prompts, _ = mini_testing.rl_setup(config)
   state = setup.init_state()
   # A non-zero adapter, so the student differs from the reference.
   params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(3), x.shape),
@@ -103,7 +99,7 @@ def test_ratio_is_exactly_one_on_the_first_inner_step():
   rb = rl_prompts.next((0,))
   cond = jax.tree.map(jnp.asarray, rb.cond)
   traj, images = jax.jit(sampler.make_sample_fn(setup, config.rollout))(
-      params, setup.frozen, cond, state.rng, jnp.int32(0))
+      params, setup.frozen, cond, state.rng, jnp.int32(0), jnp.int32(0))
   assert images.shape == (8, 16, 16, 3)
   spec = grpo.grpo_spec(config, setup.sigmas)
   batch = {'latents': traj.latents, 'log_probs': traj.log_probs,
@@ -119,20 +115,26 @@ def test_ratio_is_exactly_one_on_the_first_inner_step():
   np.testing.assert_allclose(ref_terms['kl'], 0.0, atol=1e-10)
 
 
-def test_multitask_grpo_smoke_run_saves_a_teacher_usable_by_opd(tmp_path):
-  """configs/mini/multitask_rl.py:grpo (joint over all tasks) via run_rl, on a 2-device mesh;
-  the saved adapter then serves as frozen OPD teachers."""
-  config = mini_testing.tiny_rl_config(multitask_rl_config, 'grpo',
+def test_multitask_grpo_guard_smoke_run_saves_a_teacher_usable_by_opd(tmp_path):
+  """configs/mini/multitask_rl.py:grpo_guard (joint over all tasks; the paper's multi-task
+  baseline) via run_rl, on a 2-device mesh; the saved adapter then serves as frozen OPD teachers.
+
+  GRPO-Guard runs Flow-GRPO's code plus the recorded means (split over the mesh like the
+  latents): the first minibatch's ratio is 1, the later ones carry a positive bias. Flow-GRPO
+  itself runs through the trainer in test_rl_pretrain_resume and test_recipe.
+  """
+  config = mini_testing.tiny_rl_config(multitask_rl_config, 'grpo_guard',
                                        **{'train.inner_epochs': 2, 'grpo.kl_beta': 0.04})
   assert config.data.batch_size == 3 and config.advantage.std_scope == 'task'
   out = run_rl(config, str(tmp_path), mini_testing.tiny_base_dir(),
                mesh=mini_testing.mesh_of(2))
   m = out['metrics']
   assert np.isfinite(m['loss']) and m['first_ratio_max_dev'] < 1e-5 and m['kl'] > 0
+  assert np.isfinite(m['policy_loss']) and m['guard_bias'] > 0
   assert len(out['reward_history']) == 2 and out['wall_s'] > 0
   assert all(np.isfinite(v) for v in out['reward_history'][0].values())
   teacher = load_adapter(out['teacher_dir'])
-  assert teacher.meta['tasks'] == list(common.TASKS)
+  assert teacher.meta['tasks'] == list(common.TASKS) and teacher.meta['stage'] == 'grpo_guard'
   assert teacher.cfg_scale == config.rollout.cfg_scale
   assert any(np.abs(x).max() > 0 for x in jax.tree.leaves(teacher.params))
 
@@ -144,11 +146,11 @@ def test_multitask_grpo_smoke_run_saves_a_teacher_usable_by_opd(tmp_path):
   c.rollout.num_steps = 2
   for t in c.teachers.tasks.values():
     t.cfg_scale = teacher.cfg_scale
-  nets = rl_setup.build_rl(config, mini_testing.mesh_of(1), base).nets
-  negative = conditioning.negative_conditioning(nets.text_graphdef, base.text_encoder)
+  text_encoder = mini_testing.rl_setup(config)[3].text_encoder
+  negative = conditioning.negative_conditioning(*text_encoder)
   mesh = mini_testing.mesh_of(1)
   setup = build_opd(c, mesh, negative, base_params=base.dit, teachers=[teacher.params] * 3)
-  cond = conditioning.encode_prompts(nets.text_graphdef, base.text_encoder,
+  cond = conditioning.encode_prompts(*text_encoder,
                                      ['a red circle', 'the text "AC"', 'a calm ice glow'])
   cond = jax.tree.map(lambda x: np.stack([x[k:k + 1] for k in range(3)]), cond)
   state, metrics = setup.round_fn(setup.init_state(), setup.frozen,
@@ -164,8 +166,7 @@ def test_grpo_raises_a_reward_in_two_dozen_iterations(tmp_path, monkeypatch):
   image brightness, scored through the trainer's own reward hook; the real task rewards are
   exercised by the measured runs (see configs/mini/grpo.py).
   """
-  monkeypatch.setattr(advantages, 'compute_rewards',
-                      lambda images, prompts, task, names: images.mean(axis=(1, 2, 3)))
+  mini_testing.brightness_reward(monkeypatch, 'text')
   config = _tiny_grpo(**{'train.num_steps': 24, 'data.batch_size': 2,
                          'data.group_size': 8, 'data.max_prompts': 2, 'grpo.kl_beta': 0.0,
                          'optimizer.lr': 3e-3, 'grpo.clip_range': 0.05})

@@ -29,11 +29,11 @@ from configs.teachers_sd35m import get_config
 from opd_jax.models.loading.pretrained import load_mmdit
 from opd_jax.models.lora import split_model
 from opd_jax.parallel.mesh import make_mesh
-from opd_jax.rl import scoring
 from opd_jax.rl.trainer import prepare, run_rl
 from opd_jax.train.metric_writer import read_metrics
 
 import clip_testing
+import mini_testing
 from sd3_testing import tiny_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,14 +66,10 @@ def files(tmp_path_factory):
   return {'base': str(root / 'sd35'), 'cache': str(root / 'cache'), 'rewards': folders}
 
 
-def _brightness(name, config, mesh):
-  return lambda images, prompts, metadata: np.asarray(images, np.float32).mean(axis=(1, 2, 3))
-
-
 @pytest.fixture
 def easy_text_reward(monkeypatch):
   """The 'ocr' reward's loader gives image brightness (tiny random models cannot write text)."""
-  monkeypatch.setitem(scoring.LOADERS, 'ocr', _brightness)
+  mini_testing.brightness_reward(monkeypatch, 'ocr')
 
 
 def _config(files, trainer: str, steps: int, **overrides):

@@ -23,7 +23,7 @@ BASE_SOURCES = ('mini_world', 'diffusers')   # an RL teacher starts from a pretr
 def validate(c) -> None:
   """Raises ConfigError for the first invalid field of a Flow-GRPO or DiffusionNFT config."""
   from opd_jax.mini_world import lexicon   # task names of the world the prompts come from
-  cc.require_sections(c, SECTIONS + (c.trainer,))
+  cc.require_sections(c, SECTIONS + ('grpo' if c.trainer == 'grpo_guard' else c.trainer,))
   cc.validate_common(c)
   cc.choice(c.base.source, 'base.source', BASE_SOURCES)
   cc.validate_model(c)
@@ -77,7 +77,7 @@ def validate(c) -> None:
   cc.integer(t.num_minibatches, 'train.num_minibatches', 1)
   cc.integer(t.inner_epochs, 'train.inner_epochs', 1)
 
-  if c.trainer == 'grpo':
+  if c.trainer in ('grpo', 'grpo_guard'):   # GRPO-Guard: Flow-GRPO's section + grpo.guard_bias
     from opd_jax.rl.grpo import grpo_spec
     g = c.grpo
     cc.positive(g.clip_range, 'grpo.clip_range')
@@ -97,7 +97,8 @@ def validate(c) -> None:
     cc.check(0 <= n.old_decay < 1, 'nft.old_decay', f'must be in [0, 1), got {n.old_decay}')
     nft_spec(c)
   else:
-    raise ConfigError(f"config.trainer: {c.trainer!r} is not an RL trainer ('grpo', 'nft')")
+    raise ConfigError(f"config.trainer: {c.trainer!r} is not an RL trainer ('grpo', "
+                      "'grpo_guard', 'nft')")
 
 
 def check_global_batch(c, batch_devices: int) -> int:

@@ -36,7 +36,7 @@ from opd_jax.train import bases, loop
 from opd_jax.train.metric_writer import read_metrics
 from opd_jax.train.probe import Probe
 
-ALGORITHMS = {'grpo': grpo, 'nft': nft}   # module: `extra_init` and `build(config, setup, cond)`
+ALGORITHMS = {'grpo': grpo, 'grpo_guard': grpo, 'nft': nft}   # modules: `extra_init`, `build`
 
 
 @dataclasses.dataclass
