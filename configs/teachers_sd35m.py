@@ -100,6 +100,10 @@ def _common(tasks) -> ml_collections.ConfigDict:
   c.mesh = sections.mesh()
   c.train = sections.train(num_steps=1000, checkpoint_every=20)
   c.train.export_peft = True         # EMA teacher → WORKDIR/teacher_peft
+  # A minibatch (576 images) in 18 accumulated micro-batches: 4 images per device on 8 devices,
+  # each with its trained steps' activations (rematerialised blocks). Not yet compiled for a TPU:
+  # size it with benchmarks/tpu_compile.py-style compiles before a long run.
+  c.train.num_microbatches = 18
   c.eval = ml_collections.ConfigDict({'num_steps': 40, 'cfg_scale': 4.5})
   return c
 

@@ -66,6 +66,7 @@ def get_config(arg: str | None = 'text') -> ml_collections.ConfigDict:
 
   c.train = sections.train(num_steps=20, checkpoint_every=10)   # iterations: batch + updates
   c.train.num_minibatches = 2       # optimizer steps per pass over a rollout batch
+  c.train.num_microbatches = 1      # gradient accumulation inside a minibatch (memory)
   c.train.inner_epochs = 2          # passes over each rollout batch (PPO reuse)
 
   c.eval = common.evaluation()

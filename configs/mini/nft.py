@@ -79,6 +79,7 @@ def get_config(arg: str | None = 'composition') -> ml_collections.ConfigDict:
 
   c.train = sections.train(num_steps=40, checkpoint_every=10)
   c.train.num_minibatches = 2       # optimizer steps per iteration
+  c.train.num_microbatches = 1      # gradient accumulation inside a minibatch (memory)
   c.train.inner_epochs = 1
 
   c.eval = common.evaluation()

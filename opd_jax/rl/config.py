@@ -16,7 +16,7 @@ SECTIONS = ('seed', 'trainer', 'base.source', 'base.path', 'model.name', 'data.s
             'data.tasks', 'data.batch_size', 'data.batch_size_per_device', 'data.group_size',
             'data.sample_batches', 'data.max_prompts', 'lora', 'rewards.tasks', 'schedule.mode',
             'rollout', 'advantage.std_scope', 'optimizer', 'ema', 'mesh.shape',
-            'train.num_minibatches', 'train.inner_epochs')
+            'train.num_minibatches', 'train.num_microbatches', 'train.inner_epochs')
 BASE_SOURCES = ('mini_world', 'diffusers')   # an RL teacher starts from a pretrained base
 
 
@@ -75,6 +75,7 @@ def validate(c) -> None:
 
   t = c.train
   cc.integer(t.num_minibatches, 'train.num_minibatches', 1)
+  cc.integer(t.num_microbatches, 'train.num_microbatches', 1)
   cc.integer(t.inner_epochs, 'train.inner_epochs', 1)
 
   if c.trainer in ('grpo', 'grpo_guard'):   # GRPO-Guard: Flow-GRPO's section + grpo.guard_bias
@@ -116,6 +117,10 @@ def check_global_batch(c, batch_devices: int) -> int:
   cc.check((images // n) % batch_devices == 0, 'train.num_minibatches',
            f'a minibatch of {images // n} images does not split over the {batch_devices} batch '
            'devices of the mesh')
+  m = c.train.num_microbatches
+  cc.check((images // n) % (m * batch_devices) == 0, 'train.num_microbatches',
+           f'{m} micro-batches of a {images // n}-image minibatch do not each split over the '
+           f'{batch_devices} batch devices of the mesh')
   if c.schedule.mode == 'joint':
     cc.check(prompts % len(c.data.tasks) == 0, 'data.batch_size',
              f'{prompts} prompts do not split evenly over the {len(c.data.tasks)} tasks')

@@ -43,7 +43,7 @@ from opd_jax.models.policy import Policy
 from opd_jax.objectives.per_step_kl import gaussian_kl
 from opd_jax.parallel import sharding as shd
 from opd_jax.rl import sampler
-from opd_jax.rl.setup import RLSetup, jit_update, put_batch
+from opd_jax.rl.setup import RLSetup, jit_update, microbatched_value_and_grad, put_batch
 from opd_jax.sampling.step import KernelSpec, transition_mean
 from opd_jax.sampling.transitions import gaussian_log_prob, reduce_latent
 from opd_jax.train.state import EMARule, TrainState
@@ -68,6 +68,7 @@ class GRPOSpec:
   ema: EMARule
   ratio: str = 'flow_grpo'      # 'flow_grpo' | 'guard' (GRPO-Guard: config.trainer 'grpo_guard')
   guard_bias: str = 'batch'     # GRPO-Guard's bias: one scalar per step ('batch') or per sample
+  num_microbatches: int = 1     # gradient accumulation inside a minibatch (its rows split n ways)
 
 
 RATIOS = ('flow_grpo', 'guard')
@@ -96,7 +97,7 @@ def grpo_spec(config, sigmas: np.ndarray) -> GRPOSpec:
                   float(r.cfg_scale), num_train, k, float(g.clip_range), float(g.adv_clip),
                   float(g.kl_beta), r.logprob_reduction, g.kl_reduction, g.kl_normaliser,
                   t.num_minibatches, t.inner_epochs, EMARule.from_config(config.ema),
-                  'guard' if guard else 'flow_grpo', guard_bias)
+                  'guard' if guard else 'flow_grpo', guard_bias, t.num_microbatches)
 
 
 def guard_ratio(log_prob: jax.Array, old_log_prob: jax.Array, mean: jax.Array,
@@ -261,11 +262,11 @@ def make_grpo_update(spec: GRPOSpec, policy: Policy, tx: optax.GradientTransform
       i, rows = xs
       times = jax.random.permutation(jax.random.fold_in(k_time, i), spec.num_train_steps)
       step_idx = jnp.sort(times[:spec.train_timesteps])
-      mbatch = _take(batch, rows)
       with jax.named_scope('grpo_loss'):
-        (loss, terms), grads = jax.value_and_grad(
-            lambda p: grpo_loss(spec, policy, p, frozen, ref_adapter, mbatch, step_idx),
-            has_aux=True)(state.params)
+        loss, terms, grads = microbatched_value_and_grad(
+            lambda p, rows_j, j: grpo_loss(spec, policy, p, frozen, ref_adapter,
+                                           _take(batch, rows_j), step_idx),
+            state.params, rows, spec.num_microbatches)
       with jax.named_scope('update'):
         state, update_metrics = state.apply_gradients(grads, tx, spec.ema)
       ratio = terms['ratio']

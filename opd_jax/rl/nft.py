@@ -43,7 +43,7 @@ import optax
 from opd_jax.errors import ConfigError
 from opd_jax.models.policy import Policy
 from opd_jax.parallel import sharding as shd
-from opd_jax.rl.setup import RLSetup, jit_update, put_batch
+from opd_jax.rl.setup import RLSetup, jit_update, microbatched_value_and_grad, put_batch
 from opd_jax.sampling.schedule import NUM_TRAIN_TIMESTEPS, flow_match_sigmas
 from opd_jax.train import config_check as cc
 from opd_jax.train.state import EMARule, TrainState
@@ -74,6 +74,7 @@ class NFTSpec:
   old_decay_rate: float = 0.0
   old_decay_max: float = 0.0
   scale_by_adv_clip: bool = False
+  num_microbatches: int = 1                # gradient accumulation inside a minibatch
 
 
 def nft_spec(config) -> NFTSpec:
@@ -103,7 +104,7 @@ def nft_spec(config) -> NFTSpec:
                  float(n.t_min), float(n.t_max), t.num_minibatches, t.inner_epochs,
                  float(n.old_decay), EMARule.from_config(config.ema), n.weighting, n.timesteps,
                  schedule, n.old_decay_schedule, int(n.old_decay_flat), float(n.old_decay_rate),
-                 float(n.old_decay_max), bool(n.scale_by_adv_clip))
+                 float(n.old_decay_max), bool(n.scale_by_adv_clip), t.num_microbatches)
 
 
 def optimality(advantages: np.ndarray, adv_clip: float) -> np.ndarray:
@@ -233,12 +234,18 @@ def make_nft_update(spec: NFTSpec, policy: Policy, tx: optax.GradientTransformat
 
     def inner(state, xs):
       i, rows = xs
-      mbatch = {'x0': jnp.take(batch['x0'], rows, axis=0), 'r': jnp.take(batch['r'], rows),
-                'cond': jax.tree.map(lambda x: jnp.take(x, rows, axis=0), batch['cond'])}
+      take = lambda r: {'x0': jnp.take(batch['x0'], r, axis=0), 'r': jnp.take(batch['r'], r),
+                        'cond': jax.tree.map(lambda x: jnp.take(x, r, axis=0), batch['cond'])}
+      # Micro-batch j > 0 draws its own noise; j = 0 (the only one by default) that of the
+      # whole minibatch.
+      key_of = lambda j: jax.lax.select(j == 0, jax.random.fold_in(k_noise, i),
+                                        jax.random.fold_in(jax.random.fold_in(k_noise, i), j))
       with jax.named_scope('nft_loss'):
-        (loss, aux), grads = jax.value_and_grad(
-            lambda p: nft_loss(spec, policy, p, old_params, frozen, ref_adapter, mbatch,
-                               jax.random.fold_in(k_noise, i)), has_aux=True)(state.params)
+        loss, aux, grads = microbatched_value_and_grad(
+            lambda p, rows_j, j: nft_loss(spec, policy, p, old_params, frozen, ref_adapter,
+                                          take(rows_j), key_of(j)),
+            state.params, rows, spec.num_microbatches)
+      aux = jax.tree.map(jnp.mean, aux)
       with jax.named_scope('update'):
         state, update_metrics = state.apply_gradients(grads, tx, spec.ema)
       return state, {'loss': loss, **aux, **update_metrics}
