@@ -124,6 +124,7 @@ def grpo_guard(tasks) -> ml_collections.ConfigDict:
   c.grpo.kl_beta = 0.0
   c.grpo.kl_reduction = 'mean'
   c.grpo.kl_normaliser = 'sigma2'
+  c.grpo.guard_bias = 'batch'        # upstream's code: one scalar per step (spec §1)
   c.optimizer = sections.adamw(1e-4)
   c.train.num_minibatches = 2        # 2 optimizer steps per iteration
   c.train.inner_epochs = 1
@@ -142,10 +143,19 @@ def nft(tasks) -> ml_collections.ConfigDict:
   c.nft.beta = 1.0
   c.nft.adv_clip = 5.0
   c.nft.kl_beta = 1e-4
-  c.nft.timesteps_per_sample = 1
+  c.nft.timesteps_per_sample = 9      # int(10 · 0.99) of the sampler's timesteps per sample
   c.nft.t_min = 0.0
   c.nft.t_max = 1.0
-  c.nft.old_decay = 0.0
+  c.nft.old_decay = 0.0              # unused: the linear schedule below
+  # Upstream DiffusionNFT (spec §1): x0-space loss with the adaptive weight, the sampler's own
+  # timesteps shuffled per sample (9 of 10), θ_old decay min(0.001·step, 0.5), loss ×A_max.
+  c.nft.weighting = 'adaptive_x0'
+  c.nft.timesteps = 'sampler_schedule'
+  c.nft.old_decay_schedule = 'linear'
+  c.nft.old_decay_flat = 0
+  c.nft.old_decay_rate = 0.001
+  c.nft.old_decay_max = 0.5
+  c.nft.scale_by_adv_clip = True
   c.optimizer = sections.adamw(3e-4)
   c.train.num_minibatches = 2
   c.train.inner_epochs = 1

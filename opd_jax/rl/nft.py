@@ -99,7 +99,10 @@ def nft_spec(config) -> NFTSpec:
                       f'{n.t_max}')
   if config.rollout.cfg_scale != 1.0:
     raise ConfigError('config.rollout.cfg_scale: DiffusionNFT is CFG-free; set it to 1.0')
-  schedule = tuple(float(x) for x in flow_match_sigmas(r.num_steps, r.shift)[:-1])
+  # rollout.shift = 0 (an SD3 base's own shift) is resolved when the base loads; the config is
+  # validated again then, and the spec built from the resolved value.
+  schedule = (tuple(float(x) for x in flow_match_sigmas(r.num_steps, r.shift)[:-1])
+              if r.shift > 0 else ())
   return NFTSpec(float(n.beta), float(n.adv_clip), float(n.kl_beta), n.timesteps_per_sample,
                  float(n.t_min), float(n.t_max), t.num_minibatches, t.inner_epochs,
                  float(n.old_decay), EMARule.from_config(config.ema), n.weighting, n.timesteps,
