@@ -65,3 +65,37 @@ def tiny_pipeline(with_t5: bool = True, **transformer_kwargs
       tokenizer=tok, text_encoder=clip_encoder(tok, 32),
       tokenizer_2=tok2, text_encoder_2=clip_encoder(tok2, 48),
       tokenizer_3=tok3 if with_t5 else None, text_encoder_3=t5 if with_t5 else None)
+
+
+def assert_peft_matches(base_dir: str, adapter, peft_dir: str, rank: int, alpha: float,
+                        atol: float = 1e-4) -> float:
+  """diffusers + peft loading `peft_dir` on `base_dir`'s transformer give the velocities of our
+  MMDiT with `adapter` (a pure-dict LoRA adapter); returns max |ours − base| (the adapter's
+  effect, so a caller can check the comparison has teeth)."""
+  import os
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  from peft import PeftModel
+  from opd_jax.models.loading.pretrained import load_mmdit
+  from opd_jax.models.lora import split_model
+  graphdef, base, lora = split_model(load_mmdit(base_dir, lora_rank=rank, lora_alpha=alpha))
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+  ctx = rng.standard_normal((2, 5, T5_WIDTH)).astype(np.float32)
+  pooled = rng.standard_normal((2, 80)).astype(np.float32)
+  ts = np.array([900.0, 300.0], np.float32)
+  run = lambda adapter: np.asarray(nnx.merge(graphdef, nnx.to_pure_dict(base), adapter)(
+      jnp.asarray(x), jnp.asarray(ts), jnp.asarray(ctx), jnp.asarray(pooled)))
+  ours = run(jax.tree.map(jnp.asarray, adapter))
+  torch_model = PeftModel.from_pretrained(
+      diffusers.SD3Transformer2DModel.from_pretrained(os.path.join(base_dir, 'transformer')),
+      peft_dir).eval()
+  with torch.no_grad():
+    ref = torch_model(hidden_states=torch.from_numpy(x.transpose(0, 3, 1, 2)),
+                      encoder_hidden_states=torch.from_numpy(ctx),
+                      pooled_projections=torch.from_numpy(pooled),
+                      timestep=torch.from_numpy(ts)).sample.numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(ours, ref, atol=atol, rtol=0)
+  return float(np.abs(ours - run(nnx.to_pure_dict(lora))).max())

@@ -13,22 +13,19 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 
 from configs.opd_sd35m import get_config
 from opd_jax.errors import ConfigError
-from opd_jax.models.loading.pretrained import load_mmdit
-from opd_jax.models.lora import split_model
 from opd_jax.models.peft_io import RECIPE_LORA_TARGETS
 from opd_jax.opd.trainer import prepare, train_opd
 from opd_jax.parallel.mesh import make_mesh
 from opd_jax.sampling.schedule import flow_match_sigmas
 
+import sd3_testing
 from sd3_testing import tiny_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,25 +103,8 @@ def test_sd35_recipe_trains_resumes_and_exports(files, tmp_path):
   assert [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')] == list(range(1, 9))
 
   # The exported EMA student, loaded by diffusers + peft, gives the JAX student's outputs.
-  graphdef, base, _ = split_model(load_mmdit(files['base'], lora_rank=4, lora_alpha=8.0))
-  model = nnx.merge(graphdef, nnx.to_pure_dict(base), jax.tree.map(jnp.asarray,
-                                                                    state.ema_params))
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
-  ctx = rng.standard_normal((2, 5, 96)).astype(np.float32)
-  pooled = rng.standard_normal((2, 80)).astype(np.float32)
-  ts = np.array([900.0, 300.0], np.float32)
-  ours = np.asarray(model(jnp.asarray(x), jnp.asarray(ts), jnp.asarray(ctx), jnp.asarray(pooled)))
-  from diffusers import SD3Transformer2DModel
-  torch_model = PeftModel.from_pretrained(
-      SD3Transformer2DModel.from_pretrained(os.path.join(files['base'], 'transformer')),
-      str(tmp_path / 'student_peft')).eval()
-  with torch.no_grad():
-    ref = torch_model(hidden_states=torch.from_numpy(x.transpose(0, 3, 1, 2)),
-                      encoder_hidden_states=torch.from_numpy(ctx),
-                      pooled_projections=torch.from_numpy(pooled),
-                      timestep=torch.from_numpy(ts)).sample.numpy().transpose(0, 2, 3, 1)
-  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+  sd3_testing.assert_peft_matches(files['base'], state.ema_params, str(tmp_path / 'student_peft'),
+                                  rank=4, alpha=8.0)
 
 
 @pytest.mark.parametrize('field', ['base.path', 'teachers.tasks.text.path',

@@ -213,3 +213,30 @@ def decode_text(values: Any) -> list[str] | str:
     return values.decode('utf-8')
   return [v.decode('utf-8') for v in np.asarray(values).reshape(-1)]
 
+
+
+def open_train_sources(data_cfg) -> tuple[list[tuple[Any, int]], dict[str, np.ndarray]]:
+  """The train split of every task of a trainer's `config.data` in its prompt cache
+  (`data_cfg.embeddings_dir`), as (source, prompts used: all or `max_prompts`), and the empty
+  prompt's conditioning in the MMDiT's keys {'context' [1, L, D], 'pooled' [1, P]}.
+
+  Raises ConfigError naming config.data.embeddings_dir for a missing cache, task or split, or
+  a task without prompts.
+  """
+  from opd_jax.errors import ConfigError
+  path = data_cfg.embeddings_dir
+  if not path or not os.path.isdir(path):
+    raise ConfigError(f'config.data.embeddings_dir: {path!r} is not a directory (expected a '
+                      'prompt-embedding cache of python -m opd_jax.tools.encode_prompts)')
+  out = []
+  for task in data_cfg.tasks:
+    try:
+      source = load_prompt_embeddings(path, task, 'train')
+    except (FileNotFoundError, KeyError) as e:
+      raise ConfigError(f'config.data.embeddings_dir: {e}') from None
+    n = len(source) if not data_cfg.max_prompts else min(len(source), data_cfg.max_prompts)
+    if n == 0:
+      raise ConfigError(f'config.data.embeddings_dir: task {task!r} has no prompts in {path}')
+    out.append((source, n))
+  neg = load_negative(path)
+  return out, {'context': neg['prompt_embeds'][None], 'pooled': neg['pooled_prompt_embeds'][None]}

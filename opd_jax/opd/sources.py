@@ -139,24 +139,15 @@ def _sd3_embedding_prompts(config, base: Base, batch_per_task: int):
   """
   import numpy as np
   from opd_jax.data import prompt_embeddings as pe
-  d = config.data
-  path = require_dir(d.embeddings_dir, 'data.embeddings_dir',
-                      'a prompt-embedding cache (python -m opd_jax.tools.encode_prompts)')
+  require_dir(config.data.embeddings_dir, 'data.embeddings_dir',
+              'a prompt-embedding cache (python -m opd_jax.tools.encode_prompts)')
+  sources, negative = pe.open_train_sources(config.data)
   tables = []
-  for task in d.tasks:
-    try:
-      source = pe.load_prompt_embeddings(path, task, 'train')
-    except (FileNotFoundError, KeyError) as e:
-      raise ConfigError(f'config.data.embeddings_dir: {e}') from None
-    n = len(source) if not d.max_prompts else min(len(source), d.max_prompts)
-    if n == 0:
-      raise ConfigError(f'config.data.embeddings_dir: task {task!r} has no prompts in {path}')
+  for source, n in sources:
     rows = [source[i] for i in range(n)]
     tables.append({'context': np.stack([r['prompt_embeds'] for r in rows]).astype(np.float32),
                    'pooled': np.stack([r['pooled_prompt_embeds'] for r in rows]
                                       ).astype(np.float32)})
-  neg = pe.load_negative(path)
-  negative = {'context': neg['prompt_embeds'][None], 'pooled': neg['pooled_prompt_embeds'][None]}
   return TablePrompts(tables, negative, batch_per_task, seed=config.seed)
 
 

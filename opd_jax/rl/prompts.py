@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
 import jax
@@ -160,20 +159,6 @@ def load_rl_prompts(config, base, batch_size: int) -> tuple[RLPrompts, dict]:
 
 def _cache_sets(config) -> tuple[list[CachePromptSet], dict]:
   from opd_jax.data import prompt_embeddings as pe
-  d = config.data
-  path = d.embeddings_dir
-  if not path or not os.path.isdir(path):
-    raise ConfigError(f'config.data.embeddings_dir: {path!r} is not a directory (a prompt '
-                      'cache of python -m opd_jax.tools.encode_prompts)')
-  sets = []
-  for task in d.tasks:
-    try:
-      source = pe.load_prompt_embeddings(path, task, 'train')
-    except (FileNotFoundError, KeyError) as e:
-      raise ConfigError(f'config.data.embeddings_dir: {e}') from None
-    n = len(source) if not d.max_prompts else min(len(source), d.max_prompts)
-    if n == 0:
-      raise ConfigError(f'config.data.embeddings_dir: task {task!r} has no prompts in {path}')
-    sets.append(CachePromptSet(task, source, n))
-  neg = pe.load_negative(path)
-  return sets, {'context': neg['prompt_embeds'][None], 'pooled': neg['pooled_prompt_embeds'][None]}
+  sources, negative = pe.open_train_sources(config.data)
+  return ([CachePromptSet(task, source, n) for task, (source, n) in zip(config.data.tasks,
+                                                                        sources)], negative)
