@@ -99,3 +99,38 @@ def assert_peft_matches(base_dir: str, adapter, peft_dir: str, rank: int, alpha:
                       timestep=torch.from_numpy(ts)).sample.numpy().transpose(0, 2, 3, 1)
   np.testing.assert_allclose(ours, ref, atol=atol, rtol=0)
   return float(np.abs(ours - run(nnx.to_pure_dict(lora))).max())
+
+
+# A tiny SD3.5-architecture transformer: dual attention in block 0, RMS qk-norm.
+SD35 = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+            dual_attention_layers=(0,), qk_norm='rms_norm', pos_embed_max_size=8)
+
+
+def save_sd35(root) -> diffusers.StableDiffusion3Pipeline:
+  """Saves a tiny SD3.5 pipeline with non-trivial transformer weights (diffusers zero-inits the
+  output layers) as the diffusers folder root/'sd35'; returns the pipeline."""
+  pipe = tiny_pipeline(**SD35)
+  with torch.no_grad():
+    for p in pipe.transformer.parameters():
+      p.normal_(0.0, 0.1)
+  pipe.save_pretrained(root / 'sd35')
+  return pipe
+
+
+def encode_prompt_files(root, prompts: dict) -> str:
+  """Writes one prompt file per task and their cache (`opd_jax.tools.encode_prompts`, T5 length
+  8) from the pipeline at root/'sd35'; returns the cache directory root/'cache'."""
+  import os
+  import subprocess
+  import sys
+  specs = []
+  for task, lines in prompts.items():
+    (root / f'{task}.txt').write_text('\n'.join(lines) + '\n')
+    specs.append(f'{task}={root / f"{task}.txt"}')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, '-m', 'opd_jax.tools.encode_prompts',
+                         f'--model_dir={root / "sd35"}', f'--out_dir={root / "cache"}',
+                         f'--prompts={",".join(specs)}', '--max_sequence_length=8'],
+                        cwd=repo, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return str(root / 'cache')

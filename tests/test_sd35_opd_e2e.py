@@ -9,8 +9,6 @@ which diffusers + peft load to give the JAX student's outputs.
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -26,11 +24,7 @@ from opd_jax.parallel.mesh import make_mesh
 from opd_jax.sampling.schedule import flow_match_sigmas
 
 import sd3_testing
-from sd3_testing import tiny_pipeline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SD35 = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-            dual_attention_layers=(0,), qk_norm='rms_norm', pos_embed_max_size=8)
 TASKS = ('composition', 'text', 'aesthetics')
 PROMPTS = {'composition': ['a photo of a cat', 'two dogs left of a car', 'a red cup'],
            'text': ['a sign that says "OPEN"', 'the word "cat" on a wall', 'a label "7"'],
@@ -40,11 +34,7 @@ PROMPTS = {'composition': ['a photo of a cat', 'two dogs left of a car', 'a red 
 @pytest.fixture(scope='module')
 def files(tmp_path_factory):
   root = tmp_path_factory.mktemp('sd35')
-  pipe = tiny_pipeline(**SD35)
-  with torch.no_grad():   # a non-trivial base (diffusers zero-inits the output layers)
-    for p in pipe.transformer.parameters():
-      p.normal_(0.0, 0.1)
-  pipe.save_pretrained(root / 'sd35')
+  pipe = sd3_testing.save_sd35(root)
   teachers = []
   for k, task in enumerate(TASKS):
     model = get_peft_model(pipe.transformer.__class__.from_pretrained(root / 'sd35' / 'transformer'),
@@ -57,16 +47,8 @@ def files(tmp_path_factory):
           p.copy_(0.2 * torch.randn(p.shape, generator=g))
     model.save_pretrained(root / f'teacher_{task}')
     teachers.append(str(root / f'teacher_{task}'))
-  specs = []
-  for task, prompts in PROMPTS.items():
-    (root / f'{task}.txt').write_text('\n'.join(prompts) + '\n')
-    specs.append(f'{task}={root / f"{task}.txt"}')
-  proc = subprocess.run([sys.executable, '-m', 'opd_jax.tools.encode_prompts',
-                         f'--model_dir={root / "sd35"}', f'--out_dir={root / "cache"}',
-                         f'--prompts={",".join(specs)}', '--max_sequence_length=8'],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return {'base': str(root / 'sd35'), 'teachers': tuple(teachers), 'cache': str(root / 'cache')}
+  return {'base': str(root / 'sd35'), 'teachers': tuple(teachers),
+          'cache': sd3_testing.encode_prompt_files(root, PROMPTS)}
 
 
 def _config(files, rounds):

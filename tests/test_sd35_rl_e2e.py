@@ -13,14 +13,11 @@ the single-device step.
 
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import torch
 
 from configs.teachers_sd35m import get_config
 from opd_jax.mini_world.artifacts import load_adapter
@@ -31,11 +28,7 @@ from opd_jax.train.metric_writer import read_metrics
 import clip_testing
 import mini_testing
 import sd3_testing
-from sd3_testing import tiny_pipeline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SD35 = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-            dual_attention_layers=(0,), qk_norm='rms_norm', pos_embed_max_size=8)
 PROMPTS = {'text': ['a sign that says "OPEN"', 'the word "cat" on a wall', 'a label "7"',
                     'a shirt printed "hi"'],
            'aesthetics': ['a calm lake at dawn', 'a colourful garden', 'a misty forest',
@@ -45,22 +38,10 @@ PROMPTS = {'text': ['a sign that says "OPEN"', 'the word "cat" on a wall', 'a la
 @pytest.fixture(scope='module')
 def files(tmp_path_factory):
   root = tmp_path_factory.mktemp('sd35_rl')
-  pipe = tiny_pipeline(**SD35)
-  with torch.no_grad():   # a non-trivial base (diffusers zero-inits the output layers)
-    for p in pipe.transformer.parameters():
-      p.normal_(0.0, 0.1)
-  pipe.save_pretrained(root / 'sd35')
-  specs = []
-  for task, prompts in PROMPTS.items():
-    (root / f'{task}.txt').write_text('\n'.join(prompts) + '\n')
-    specs.append(f'{task}={root / f"{task}.txt"}')
-  proc = subprocess.run([sys.executable, '-m', 'opd_jax.tools.encode_prompts',
-                         f'--model_dir={root / "sd35"}', f'--out_dir={root / "cache"}',
-                         f'--prompts={",".join(specs)}', '--max_sequence_length=8'],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  sd3_testing.save_sd35(root)
+  cache = sd3_testing.encode_prompt_files(root, PROMPTS)
   _, _, _, folders = clip_testing.reward_models(root / 'rewards')
-  return {'base': str(root / 'sd35'), 'cache': str(root / 'cache'), 'rewards': folders}
+  return {'base': str(root / 'sd35'), 'cache': cache, 'rewards': folders}
 
 
 @pytest.fixture
