@@ -97,3 +97,51 @@ def test_reward_loading_errors_name_the_field():
     scoring.load_task_rewards(_config(a='pickscore'))
   rule = scoring.load_task_rewards(_config(text='text'))
   assert rule.names == ('text',)
+
+
+_TWO_PROCESS_SCRIPT = r'''
+import json
+import sys
+import jax
+import numpy as np
+from opd_jax.parallel import distributed, sharding as shd
+from opd_jax.parallel.mesh import make_mesh
+from opd_jax.rl import scoring
+distributed.initialize(f'127.0.0.1:{sys.argv[1]}', 2, int(sys.argv[2]))
+mesh = make_mesh({'data': 4, 'fsdp': 2}, jax.devices())
+images = np.arange(16 * 2, dtype=np.float32).reshape(16, 1, 1, 2) * np.ones((16, 2, 2, 2))
+arr = jax.make_array_from_callback(images.shape, shd.batch_sharding(mesh, 4),
+                                   lambda idx: images[idx])
+rewards = scoring.TaskRewards(('a',), (lambda im, p, m: im[:, 0, 0, 0] * 10.0,), ('a',))
+scorer = scoring.AsyncScorer(rewards)
+scorer.submit(arr, 0, [str(i) for i in range(16)], [{}] * 16, np.zeros(16, np.int64))
+rows, _ = scoring.local_rows(arr)
+out = scorer.collect(16)
+print('RESULT ' + json.dumps({'rows': sorted(rows.tolist()), 'out': out.tolist()}))
+'''
+
+
+@pytest.mark.slow
+def test_each_process_scores_its_own_rows_and_all_get_every_score(tmp_path):
+  """Two CPU processes (gloo), 4 devices each: each scores only the 8 rows its devices hold and
+  both end with the 16 scores of the batch in order."""
+  import json
+  import subprocess
+  import sys
+  from cli_testing import ROOT, child_env
+  from test_multiprocess import _free_port
+  script = tmp_path / 'gather.py'
+  script.write_text(_TWO_PROCESS_SCRIPT)
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i)], cwd=ROOT,
+                            env=child_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  rows = []
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+    result = json.loads([l for l in out.splitlines() if l.startswith('RESULT ')][0][7:])
+    assert len(result['rows']) == 8
+    rows += result['rows']
+    np.testing.assert_array_equal(result['out'], np.arange(16) * 20.0)
+  assert sorted(rows) == list(range(16))      # the processes split the batch between them
