@@ -33,8 +33,12 @@ def test_compiled_from_shapes_equals_the_built_round():
   assert _described(shapes.frozen) == _described(setup.frozen)
   assert _described(shapes.batch) == _described(batch)
 
-  compiled = shapes.lower().compile()
-  expected_state, expected = setup.round_fn(setup.init_state(), setup.frozen, batch)
+  # Both compiled with the faster-compiling kernel emitters (xla_testing.py): the built round
+  # lowered from the real arguments, as calling it would, then the one from shapes alone — the
+  # same program, read from the session's compilation cache (measured: 14 → 5 s of compiling).
+  built = setup.round_fn.lower(setup.init_state(), setup.frozen, batch).compile(FAST_COMPILE)
+  expected_state, expected = built(setup.init_state(), setup.frozen, batch)
+  compiled = shapes.lower().compile(FAST_COMPILE)
   state, metrics = compiled(setup.init_state(), setup.frozen, batch)
   for a, b in zip(jax.tree.leaves((expected_state, expected)), jax.tree.leaves((state, metrics))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
