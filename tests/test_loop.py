@@ -199,7 +199,11 @@ class _PoisonedAt:
 
 @pytest.fixture(scope='module')
 def trainer_logging_every_2():
-  """The OPD trainer of the shared run, but logging (and checking finiteness) every 2 steps."""
+  """The OPD trainer of the shared run, but logging (and checking finiteness) every 2 steps.
+
+  Built once, its round traced and compiled once, for the reruns of the NaN and the
+  damaged-checkpoint tests (`loop.run` on it is `train_opd` after `prepare`); the rerun after a
+  kill and the changed-config runs build theirs anew, as a restarted process does."""
   return prepare(_config(**{'train.log_every': 2}), mesh_of(1))
 
 
@@ -291,10 +295,11 @@ def _delete_metadata(workdir, step):
     (_delete_metadata, 'no array metadata'),            # not mistaken for another model
 ])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(
-    uninterrupted, tmp_path, capsys, damage, reason):
+    uninterrupted, trainer_logging_every_2, tmp_path, capsys, damage, reason):
+  trainer = trainer_logging_every_2
   workdir = shutil.copytree(uninterrupted['workdir'], tmp_path / 'run')
   damage(workdir, STEPS)
-  state, _ = _train(_config(), workdir)
+  state = jax.device_get(loop.run(trainer, trainer.config, str(workdir)).state)
   out, err = capsys.readouterr()
   warning = [l for l in err.splitlines() if l.startswith('warning: checkpoint')]
   assert len(warning) == 1 and f'{workdir}/checkpoints/{STEPS} is corrupt' in warning[0]
@@ -308,12 +313,14 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(
                         _saved_state(workdir, STEPS), 'the new checkpoint')
 
 
-def test_every_checkpoint_damaged_is_one_checkpoint_error(uninterrupted, tmp_path):
+def test_every_checkpoint_damaged_is_one_checkpoint_error(uninterrupted, trainer_logging_every_2,
+                                                          tmp_path):
+  trainer = trainer_logging_every_2
   workdir = shutil.copytree(uninterrupted['workdir'], tmp_path / 'run')
   for step in (CUT, STEPS):
     _flip_array_bits(workdir, step)
   with pytest.raises(CheckpointError, match=r'every checkpoint \(\[2, 4\]\) is corrupt') as e:
-    _train(_config(), workdir)
+    loop.run(trainer, trainer.config, str(workdir))
   assert str(workdir / 'checkpoints') in str(e.value) and '\n' not in str(e.value)
 
 
