@@ -42,13 +42,7 @@ def build_scorers(c, names: Sequence[str]) -> dict[str, bm.Scorer]:
     scorers['geneval'] = bm.geneval_scorer(detector, colors)
   if 'ocr' in names:
     from opd_jax.rewards import ocr
-    if c.rewards.ocr_backend == 'rapidocr':
-      backend = ocr.RapidOCRBackend()
-    elif c.rewards.ocr_backend == 'http':
-      backend = ocr.HttpOCRBackend(c.rewards.ocr_url)
-    else:
-      raise ConfigError(f'config.rewards.ocr_backend: {c.rewards.ocr_backend!r} is not one of '
-                        "['rapidocr', 'http']")
+    backend = ocr.backend_by_name(c.rewards.ocr_backend, c.rewards.ocr_url)
     scorers['ocr'] = bm.reward_scorer({'ocr': ocr.OCRScorer(backend)})
   if 'drawbench' in names:
     from opd_jax.rewards import clip_rewards

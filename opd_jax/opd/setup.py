@@ -177,9 +177,5 @@ def device_batch(mesh: Mesh, cond: dict, teacher: np.ndarray) -> dict:
   Each process contributes the slice of the batch that its devices own, so the same code runs
   on one host and on multi-host meshes.
   """
-  def put(x):
-    x = np.asarray(x)
-    sharding = shd.batch_sharding(mesh, x.ndim, 1)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-  return {'cond': jax.tree.map(put, cond),
+  return {'cond': jax.tree.map(lambda x: shd.global_batch_array(mesh, x, 1), cond),
           'teacher': jax.device_put(jnp.asarray(teacher, jnp.int32), shd.replicated(mesh))}

@@ -14,6 +14,7 @@ import contextvars
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -94,6 +95,14 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0,
   axes = tuple(a for a in rules['batch'] if mesh.shape[a] > 1)
   spec[batch_axis] = axes if axes else None
   return NamedSharding(mesh, P(*spec))
+
+
+def global_batch_array(mesh: Mesh, x: Any, batch_axis: int = 0) -> jax.Array:
+  """A host array that every process holds whole → a global array split over the batch axes;
+  each process contributes the slice its own devices own (one host or many)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim, batch_axis),
+                                      lambda idx: x[idx])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

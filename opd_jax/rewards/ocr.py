@@ -372,6 +372,20 @@ def _error_text(error: urllib.error.HTTPError) -> str:
 # --------------------------------------------------------------------------- the reward
 
 
+OCR_BACKENDS = ('rapidocr', 'http')
+
+
+def backend_by_name(name: str, url: str, field: str = 'config.rewards.ocr_backend'):
+  """'rapidocr' (in-process) or 'http' (the OCR service at `url`); another name is a
+  ConfigError naming `field`."""
+  if name == 'rapidocr':
+    return RapidOCRBackend()
+  if name == 'http':
+    return HttpOCRBackend(url)
+  from opd_jax.errors import ConfigError
+  raise ConfigError(f'{field}: {name!r} is not one of {list(OCR_BACKENDS)}')
+
+
 class OCRScorer:
   """The OCR reward: `scorer(images, prompts) -> float32 [B]` in [0, 1].
 

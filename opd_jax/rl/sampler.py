@@ -108,14 +108,17 @@ def jit_sampler(setup, rollout_cfg, cond_example: dict):
                  out_shardings=(traj_sh, shd.batch_sharding(mesh, 4)))
 
 
-def jit_concat(setup):
-  """Trajectories of an iteration's chunks → one batch (axis 1 of the per-sample fields),
-  split over the mesh as the sampler's outputs are."""
-  def concat(trajs):
+def jit_concat(setup, cond_example: dict):
+  """(Trajectories, conditionings) of an iteration's chunks → one batch each (the trajectory's
+  per-sample fields on axis 1, the conditioning on axis 0), split over the mesh as the sampler's
+  inputs and outputs are."""
+  def concat(trajs, conds):
     cat = lambda *xs: jnp.concatenate(xs, axis=1)
     first = trajs[0]
-    return Trajectory(latents=cat(*[t.latents for t in trajs]), sigmas=first.sigmas,
+    traj = Trajectory(latents=cat(*[t.latents for t in trajs]), sigmas=first.sigmas,
                       means=cat(*[t.means for t in trajs]), stds=first.stds,
                       noise=cat(*[t.noise for t in trajs]),
                       log_probs=cat(*[t.log_probs for t in trajs]))
-  return jax.jit(concat, out_shardings=trajectory_shardings(setup))
+    return traj, jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *conds)
+  cond_sh = jax.tree.map(lambda x: shd.batch_sharding(setup.mesh, np.ndim(x)), cond_example)
+  return jax.jit(concat, out_shardings=(trajectory_shardings(setup), cond_sh))

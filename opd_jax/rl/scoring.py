@@ -30,13 +30,14 @@ import jax
 import numpy as np
 
 from opd_jax.errors import ConfigError, InputError
+from opd_jax.rewards import clip_rewards
+from opd_jax.rewards import registry as rule_registry
 
 # fn(images [n, H, W, 3] host array, prompts: n str, metadata: n dicts) -> float32 [n]
 TaskReward = Callable[[np.ndarray, Sequence[str], Sequence[Mapping]], np.ndarray]
 
-RULE_REWARDS = ('composition', 'text', 'aesthetics')
-CLIP_REWARDS = ('pickscore', 'pickscore_scaled', 'clipscore', 'hpsv2', 'aesthetic',
-                'aesthetics_mix')
+RULE_REWARDS = tuple(rule_registry.REWARDS)    # the mini world's, by task name
+CLIP_REWARDS = clip_rewards.REWARDS
 REWARD_NAMES = RULE_REWARDS + CLIP_REWARDS + ('ocr', 'geneval')
 
 
@@ -45,12 +46,10 @@ def _ignore_metadata(fn) -> TaskReward:
 
 
 def _rule_reward(name: str, config, mesh) -> TaskReward:
-  from opd_jax.rewards import get_reward
-  return _ignore_metadata(get_reward(name))
+  return _ignore_metadata(rule_registry.get_reward(name))
 
 
 def _clip_reward(name: str, config, mesh) -> TaskReward:
-  from opd_jax.rewards import clip_rewards
   r = config.rewards
   folders = {key: r.get(key, '') for key in clip_rewards.FOLDERS[name]}
   for key, path in folders.items():
@@ -65,14 +64,7 @@ def _clip_reward(name: str, config, mesh) -> TaskReward:
 
 def _ocr_reward(name: str, config, mesh) -> TaskReward:
   from opd_jax.rewards import ocr
-  r = config.rewards
-  if r.ocr_backend == 'rapidocr':
-    backend = ocr.RapidOCRBackend()
-  elif r.ocr_backend == 'http':
-    backend = ocr.HttpOCRBackend(r.ocr_url)
-  else:
-    raise ConfigError(f"config.rewards.ocr_backend: {r.ocr_backend!r} is not one of "
-                      "['rapidocr', 'http']")
+  backend = ocr.backend_by_name(config.rewards.ocr_backend, config.rewards.ocr_url)
   return _ignore_metadata(ocr.OCRScorer(backend))
 
 

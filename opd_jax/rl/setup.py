@@ -102,11 +102,9 @@ def jit_update(setup: RLSetup, update, batch_shardings: Any):
 
 
 def put_batch(mesh: Mesh, tree: Any, batch_axis: int = 0) -> Any:
-  """Host arrays → global device arrays split over the mesh's batch axes."""
-  def put(x):
-    x = np.asarray(x)
-    return jax.device_put(x, shd.batch_sharding(mesh, x.ndim, batch_axis))
-  return jax.tree.map(put, tree)
+  """Host arrays (whole on every process) → global device arrays split over the mesh's batch
+  axes, each process placing the slice its devices own."""
+  return jax.tree.map(lambda x: shd.global_batch_array(mesh, x, batch_axis), tree)
 
 
 def saved_params(state: TrainState, config) -> Any:

@@ -70,18 +70,19 @@ class RLTrainer:
     size = len(rb.prompts)
     chunk = size // c.data.sample_batches
     params = self.algorithm.sampler_params(state)
-    trajs = []
+    trajs, conds = [], []
     for start in range(0, size, chunk):
       cond = put_batch(self.setup.mesh, jax.tree.map(lambda x: x[start:start + chunk], rb.cond))
       traj, images = self.sample_fn(params, self.setup.frozen, cond, state.rng,
                                     jnp.int32(step), jnp.int32(start))
       self.scorer.submit(images, start, rb.prompts, rb.metadata, rb.task)  # overlaps sampling
       trajs.append(traj)
-    traj = trajs[0] if len(trajs) == 1 else self.concat_fn(trajs)
+      conds.append(cond)
+    # The chunks joined on device: the conditioning is uploaded once (SD3: ~5.5 MB a row).
+    traj, cond = (trajs[0], conds[0]) if len(trajs) == 1 else self.concat_fn(trajs, conds)
     rewards = self.scorer.collect(size)
     adv = advantages.group_advantages(rewards, rb.group, rb.task, c.advantage.std_scope)
-    state, metrics = self.algorithm.update(state, traj, put_batch(self.setup.mesh, rb.cond),
-                                           adv, step)
+    state, metrics = self.algorithm.update(state, traj, cond, adv, step)
     host = {f'reward/{t}': float(rewards[rb.task == k].mean())
             for k, t in enumerate(tasks) if np.any(rb.task == k)}
     host['reward_std'] = float(rewards.std())
@@ -128,7 +129,7 @@ def prepare(config: ml_collections.ConfigDict, base=None, mesh=None) -> RLTraine
   algorithm = algorithm_module.build(config, setup, cond_example)
   sample_fn = sampler.jit_sampler(setup, config.rollout, cond_example)
   fingerprint = {'base': base.fingerprint, 'prompts': [len(s) for s in prompts.sets]}
-  return RLTrainer(config, setup, prompts, algorithm, sample_fn, sampler.jit_concat(setup),
+  return RLTrainer(config, setup, prompts, algorithm, sample_fn, sampler.jit_concat(setup, cond_example),
                    scoring.AsyncScorer(rewards), fingerprint, config.trainer)
 
 
