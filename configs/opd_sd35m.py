@@ -49,26 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.trainer = 'opd'
   c.seed = 0
 
-  c.base = ml_collections.ConfigDict()
-  c.base.source = 'diffusers'
-  c.base.path = ''                   # diffusers SD3.5-M pipeline folder (or its transformer/)
-
-  c.model = ml_collections.ConfigDict()
-  c.model.name = 'sd3'
-  c.model.transformer = ml_collections.ConfigDict()   # filled from the checkpoint's config.json
-  c.model.latent_size = 64           # 512 px / VAE factor 8
-  c.model.latent_channels = 16
-  c.model.dtype = 'bfloat16'         # network compute; sampler and KL math stay float32
-  c.model.param_dtype = 'bfloat16'   # frozen base storage; LoRA master weights are float32
-  # Mixed precision that keeps the small teacher − student gap (benchmarks/precision_gap.py):
-  # bfloat16 matmuls with float32 products, residual streams and output layer.
-  c.model.float32_matmul_output = True
-  c.model.float32_residual = True
-  c.model.float32_output = True
-  c.model.remat = True               # one block's activations live in the backward pass
-  c.model.remat_policy = ''          # '' : recompute everything; or a jax.checkpoint_policies name
-  c.model.attention = ''             # '' (JAX picks), 'xla', 'cudnn' (GPU), 'einsum', 'splash' (TPU)
-  c.model.scan_layers = False        # True: lax.scan over runs of identical blocks (faster compile)
+  c.base = sections.sd35_base()
+  c.model = sections.sd35_model()
   c.lora = sections.lora(32, 64.0)   # student LoRA on the 8 attention projections (spec §5)
 
   c.student = ml_collections.ConfigDict()

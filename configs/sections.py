@@ -43,6 +43,35 @@ def lora(rank: int, alpha: float) -> ml_collections.ConfigDict:
   return l
 
 
+def sd35_base() -> ml_collections.ConfigDict:
+  """A diffusers SD3.5-Medium pipeline folder (or its transformer/), read torch-free."""
+  return ml_collections.ConfigDict({'source': 'diffusers', 'path': ''})
+
+
+def sd35_model() -> ml_collections.ConfigDict:
+  """The SD3.5-Medium MMDiT at 512 px in the mixed precision every SD3.5 recipe trains with.
+
+  bfloat16 network compute and frozen-base storage (LoRA master weights stay float32; sampler,
+  KL and loss math float32), with float32 matmul products, residual streams and output layer:
+  the setting that keeps the small teacher − student gap (benchmarks/precision_gap.py).
+  """
+  m = ml_collections.ConfigDict()
+  m.name = 'sd3'
+  m.transformer = ml_collections.ConfigDict()   # filled from the checkpoint's config.json
+  m.latent_size = 64           # 512 px / VAE factor 8
+  m.latent_channels = 16
+  m.dtype = 'bfloat16'
+  m.param_dtype = 'bfloat16'
+  m.float32_matmul_output = True
+  m.float32_residual = True
+  m.float32_output = True
+  m.remat = True               # one block's activations live in the backward pass
+  m.remat_policy = ''          # '' : recompute everything; or a jax.checkpoint_policies name
+  m.attention = ''             # '' (JAX picks), 'xla', 'cudnn' (GPU), 'einsum', 'splash' (TPU)
+  m.scan_layers = False        # True: lax.scan over runs of identical blocks (faster compile)
+  return m
+
+
 def mesh() -> ml_collections.ConfigDict:
   """Batch over data × fsdp, parameters over fsdp (embed) and tensor (heads, mlp)."""
   m = ml_collections.ConfigDict()

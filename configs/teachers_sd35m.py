@@ -59,22 +59,8 @@ def rewards(tasks) -> ml_collections.ConfigDict:
 def _common(tasks) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.base = ml_collections.ConfigDict({'source': 'diffusers', 'path': ''})
-
-  c.model = ml_collections.ConfigDict()
-  c.model.name = 'sd3'
-  c.model.transformer = ml_collections.ConfigDict()   # filled from the checkpoint's config.json
-  c.model.latent_size = 64           # 512 px / VAE factor 8
-  c.model.latent_channels = 16
-  c.model.dtype = 'bfloat16'         # network compute; sampler and loss math stay float32
-  c.model.param_dtype = 'bfloat16'
-  c.model.float32_matmul_output = True
-  c.model.float32_residual = True
-  c.model.float32_output = True
-  c.model.remat = True
-  c.model.remat_policy = ''
-  c.model.attention = ''
-  c.model.scan_layers = False
+  c.base = sections.sd35_base()
+  c.model = sections.sd35_model()
   c.lora = sections.lora(32, 64.0)   # Flow-GRPO / DiffusionNFT: r 32, alpha 64, attention
 
   c.data = ml_collections.ConfigDict()

@@ -68,6 +68,8 @@ def test_prompt_batches_are_balanced_groups():
   src = prompts.RLPrompts(sets, prompts_per_step=6, group_size=4, seed=0)
   rb = src.next((0, 1, 2))
   assert len(rb.prompts) == 24 and rb.cond['pooled'].shape == (24, 1)
+  assert rb.prompt_cond['pooled'].shape == (6, 1)   # held once per prompt on the host
+  np.testing.assert_array_equal(rb.cond_rows(5, 13)['pooled'], rb.cond['pooled'][5:13])
   np.testing.assert_array_equal(np.bincount(rb.task), [8, 8, 8])
   for g in range(6):
     sel = rb.group == g

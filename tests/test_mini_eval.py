@@ -24,9 +24,13 @@ def _evaluator(**kv):
 def test_evaluator_reports_every_task_deterministically():
   ev = _evaluator(samples_per_prompt=2)
   a, b = ev(None, 4.5), ev(None, 4.5)
+  per_sample = ev.scores(None, 4.5)
   for task in common.TASKS:
     assert 0.0 <= a[task] <= 1.0 and 0.0 <= a[f'reward/{task}'] <= 1.0
     assert a[task] == b[task]
+    s = per_sample[task]   # the per-sample scores behind the means, prompts in order
+    np.testing.assert_array_equal(s['prompt'], [0, 0, 1, 1, 2, 2])
+    assert np.mean(s['headline']) == a[task] and np.mean(s['dense']) == a[f'reward/{task}']
   assert a['composition'] == a['composition_strict']
   assert a['composition_strict'] <= a['reward/composition']
   images, prompts = ev.generate('text', None, 4.5)

@@ -157,6 +157,20 @@ def test_loss_at_the_old_policy_is_reward_weighted_flow_matching():
     np.testing.assert_allclose(c, 0.0, atol=tol)
 
 
+def test_upstream_variant_sets_upstream_values_and_validates():
+  """configs/mini/nft.py:composition,upstream — the values of NVlabs/DiffusionNFT config/nft.py
+  (spec §1), written here independently of the config file."""
+  for arg, steps in (('composition,upstream', 10), ('composition,upstream,smoke', 4)):
+    c = nft_config.get_config(arg)
+    assert (c.nft.weighting, c.nft.timesteps, c.nft.old_decay_schedule) == (
+        'adaptive_x0', 'sampler_schedule', 'linear')
+    assert (c.nft.old_decay_rate, c.nft.old_decay_max, c.nft.kl_beta) == (0.001, 0.5, 1e-4)
+    assert c.nft.scale_by_adv_clip and c.nft.timesteps_per_sample == steps - 1
+    nft.nft_spec(c)
+  plain = nft_config.get_config('composition')
+  assert (plain.nft.weighting, plain.nft.timesteps) == ('velocity', 'uniform')
+
+
 def test_nft_rejects_cfg():
   config = mini_testing.tiny_rl_config(nft_config, 'composition', **{'rollout.cfg_scale': 4.5})
   with pytest.raises(ValueError, match='CFG-free'):

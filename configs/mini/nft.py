@@ -4,16 +4,17 @@
         --config.base.path=runs/opd/pretrain/base
 
 The argument is a task, or several joined by '+' (joint multi-task NFT); append ',smoke' for the
-test variant. CFG-free: samples and training use CFG 1.0, and so does the teacher in OPD.
+test variant, ',upstream' for upstream DiffusionNFT's loss options (below) on the mini world. CFG-free: samples and training use CFG 1.0, and so does the teacher in OPD.
 Expected on a 2-core CPU: ~25 s (40 iterations of 4 prompts × 8 images).
 
 Upstream DiffusionNFT's own choices (NVlabs/DiffusionNFT config/nft.py, spec §1) are each one
 field away: `nft.weighting='adaptive_x0'` (x0-space loss, adaptive per-sample weight),
 `nft.timesteps='sampler_schedule'` with `nft.timesteps_per_sample=9` (9 of the 10 schedule
 timesteps, shuffled per sample), `nft.old_decay_schedule='linear'` (min(0.001·step, 0.5)),
-`nft.scale_by_adv_clip=True` (policy loss ×A_max) and `nft.kl_beta=1e-4`. The mini world keeps
-the values below — the ones its teachers were measured with — until a measured comparison says
-otherwise (the linear decay would reach only 0.08 in the 80 optimizer steps of this run).
+`nft.scale_by_adv_clip=True` (policy loss ×A_max) and `nft.kl_beta=1e-4`; ',upstream' sets all
+five (`upstream_options`). The mini world keeps the values below — the ones its teachers were
+measured with — until a measured comparison says otherwise (the linear decay would reach only
+0.08 in the 80 optimizer steps of this run).
 """
 
 import ml_collections
@@ -22,8 +23,18 @@ from configs.mini import common
 from configs import sections
 
 
+def upstream_options(c: ml_collections.ConfigDict) -> None:
+  """Upstream DiffusionNFT's loss options (NVlabs/DiffusionNFT config/nft.py, spec §1)."""
+  c.nft.weighting = 'adaptive_x0'
+  c.nft.timesteps = 'sampler_schedule'
+  c.nft.timesteps_per_sample = c.rollout.num_steps - 1   # every schedule step but the last (9)
+  c.nft.old_decay_schedule = 'linear'
+  c.nft.scale_by_adv_clip = True
+  c.nft.kl_beta = 1e-4
+
+
 def get_config(arg: str | None = 'composition') -> ml_collections.ConfigDict:
-  words, flags = common.parse_arg(arg)
+  words, flags = common.parse_arg(arg, known_flags=('smoke', 'upstream'))
   tasks = tuple(words[0].split('+')) if words else ('composition',)
   unknown = set(tasks) - set(common.TASKS)
   if unknown or len(words) > 1:
@@ -86,4 +97,6 @@ def get_config(arg: str | None = 'composition') -> ml_collections.ConfigDict:
 
   if 'smoke' in flags:
     common.shrink_rl_for_smoke(c)
+  if 'upstream' in flags:
+    upstream_options(c)
   return c

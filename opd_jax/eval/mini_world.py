@@ -136,6 +136,26 @@ class Evaluator:
       images.append(np.asarray(out)[:n])
     return np.concatenate(images), prompts
 
+  def scores(self, adapter: Adapter | None = None, cfg_scale: float = 1.0,
+             images_out: dict | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Per-sample scores of base (+ adapter) on every task, for paired comparisons.
+
+    Returns {task: {'headline': float [N·S], 'dense': float [N·S], 'prompt': int [N·S]}}: the
+    task's headline metric (composition: strict accuracy) and dense reward of every sample, and
+    the index of its held-out prompt (the same order for every model: samples are paired).
+    """
+    out = {}
+    for task in self.cfg.tasks:
+      images, prompts = self.generate(task, adapter, cfg_scale)
+      if images_out is not None:
+        images_out[task] = (images, prompts)
+      dense = np.asarray(get_reward(task)(images, prompts), np.float64)
+      headline = (np.asarray(composition_strict(images, prompts), np.float64)
+                  if task == 'composition' else dense)
+      prompt = np.repeat(np.arange(len(self.prompt_sets[task])), self.cfg.samples_per_prompt)
+      out[task] = {'headline': headline, 'dense': dense, 'prompt': prompt}
+    return out
+
   def __call__(self, adapter: Adapter | None = None, cfg_scale: float = 1.0,
                images_out: dict | None = None) -> dict[str, float]:
     """Evaluates base (+ adapter) on every task.
@@ -152,17 +172,11 @@ class Evaluator:
     """
     start = time.time()
     out: dict[str, float] = {}
-    for task in self.cfg.tasks:
-      images, prompts = self.generate(task, adapter, cfg_scale)
-      if images_out is not None:
-        images_out[task] = (images, prompts)
-      dense = float(np.mean(get_reward(task)(images, prompts)))
-      out[f'reward/{task}'] = dense
-      headline = dense
+    for task, s in self.scores(adapter, cfg_scale, images_out).items():
+      out[f'reward/{task}'] = float(np.mean(s['dense']))
+      out[task] = float(np.mean(s['headline']))
       if task == 'composition':
-        headline = float(np.mean(composition_strict(images, prompts)))
-        out['composition_strict'] = headline
-      out[task] = headline
+        out['composition_strict'] = out[task]
     out['mean_score'] = float(np.mean([out[t] for t in self.cfg.tasks]))
     out['eval_s'] = time.time() - start
     return out

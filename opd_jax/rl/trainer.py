@@ -72,7 +72,7 @@ class RLTrainer:
     params = self.algorithm.sampler_params(state)
     trajs, conds = [], []
     for start in range(0, size, chunk):
-      cond = put_batch(self.setup.mesh, jax.tree.map(lambda x: x[start:start + chunk], rb.cond))
+      cond = put_batch(self.setup.mesh, rb.cond_rows(start, start + chunk))
       traj, images = self.sample_fn(params, self.setup.frozen, cond, state.rng,
                                     jnp.int32(step), jnp.int32(start))
       self.scorer.submit(images, start, rb.prompts, rb.metadata, rb.task)  # overlaps sampling

@@ -1,0 +1,56 @@
+"""Paired statistics over held-out prompts: a model's gain over another, and a recovered fraction.
+
+Every model is evaluated on the same prompts with the same initial noise (opd_jax.eval.mini_world),
+so two models are compared prompt by prompt: the per-prompt difference d_i (each prompt's mean
+over its samples) removes the between-prompt variance that an unpaired comparison would carry.
+
+  gain      mean_i d_i, with standard error std(d, ddof=1) / √n over the n prompts;
+  fraction  (student − base) / (teacher − base), the share of a teacher's gain a student keeps,
+            with a 95 % percentile-bootstrap interval that resamples prompts (all three models'
+            scores of a prompt move together, so the ratio's correlation is kept).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def prompt_means(values: np.ndarray, prompt: np.ndarray) -> np.ndarray:
+  """Mean of `values` per prompt index (prompts 0..max(prompt)), float64 [num_prompts]."""
+  values, prompt = np.asarray(values, np.float64), np.asarray(prompt)
+  counts = np.bincount(prompt)
+  if values.shape != prompt.shape or np.any(counts == 0):
+    raise ValueError('values and prompt must be aligned, every prompt index with a sample')
+  return np.bincount(prompt, weights=values) / counts
+
+
+def paired_gain(base: np.ndarray, model: np.ndarray, prompt: np.ndarray) -> dict:
+  """Mean per-prompt difference model − base, its standard error, n and z = mean / SE."""
+  d = prompt_means(model, prompt) - prompt_means(base, prompt)
+  n = d.size
+  se = float(np.std(d, ddof=1) / np.sqrt(n)) if n > 1 else float('nan')
+  mean = float(np.mean(d))
+  return {'mean': mean, 'se': se, 'n': n, 'z': mean / se if se > 0 else None}
+
+
+def recovered_fraction(base: np.ndarray, teacher: np.ndarray, student: np.ndarray,
+                       prompt: np.ndarray, resamples: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> dict[str, float | None]:
+  """(student − base) / (teacher − base) over prompts, with a bootstrap interval.
+
+  None where the teacher's gain (or a resample's) is exactly zero: no fraction is defined.
+  """
+  b, t, s = (prompt_means(x, prompt) for x in (base, teacher, student))
+  gain = float(np.mean(t - b))
+  value = float(np.mean(s - b)) / gain if gain != 0 else None
+  rng = np.random.default_rng(seed)
+  idx = rng.integers(0, b.size, size=(resamples, b.size))
+  teacher_gain = np.mean(t[idx] - b[idx], axis=1)
+  student_gain = np.mean(s[idx] - b[idx], axis=1)
+  ok = teacher_gain != 0
+  if value is None or not np.all(ok):
+    return {'value': value, 'low': None, 'high': None}
+  ratios = student_gain / teacher_gain
+  tail = (1 - level) / 2 * 100
+  low, high = np.percentile(ratios, [tail, 100 - tail])
+  return {'value': value, 'low': float(low), 'high': float(high)}
