@@ -55,3 +55,29 @@ def test_no_fraction_without_a_teacher_gain_and_bad_alignment_is_refused():
     paired.prompt_means(np.zeros(3), prompt)
   with pytest.raises(ValueError, match='aligned'):
     paired.prompt_means(np.zeros(2), np.array([0, 2]))   # prompt 1 has no sample
+
+
+def test_average_interval_brackets_the_average_and_uses_the_table_rows_bounds():
+  rng = np.random.default_rng(2)
+  n = 300
+  truth = {'lo': (0.2, 0.3), 'mid': (0.5, 0.5), 'hi': (0.8, 0.6), 'extra': (0.9, 0.1)}
+  scores = {r: {'a': rng.normal(m[0], 0.3, n), 'b': rng.normal(m[1], 0.3, n)}
+            for r, m in truth.items()}
+  iv = paired.average_interval(scores, ['lo', 'mid', 'hi'], resamples=500)
+  # Point Averages by the definition: per task, (x − min) / (max − min) over the bound rows.
+  def average(r):
+    parts = []
+    for t in ('a', 'b'):
+      means = {q: scores[q][t].mean() for q in ('lo', 'mid', 'hi')}
+      lo, hi = min(means.values()), max(means.values())
+      parts.append((scores[r][t].mean() - lo) / (hi - lo))
+    return np.mean(parts)
+  for r in truth:
+    low, high = iv[r]
+    assert low <= average(r) <= high, r
+  assert iv['lo'][1] < 0.1 and iv['hi'][0] > 0.9       # extremes stay near 0 and 1
+  # A row outside the bound rows does not move the others' bounds (same resamples).
+  without = paired.average_interval({r: scores[r] for r in ('lo', 'mid', 'hi')},
+                                    ['lo', 'mid', 'hi'], resamples=500)
+  assert all(np.allclose(without[r], iv[r]) for r in without)
+  assert iv['mid'][1] - iv['mid'][0] > 0.05

@@ -122,6 +122,48 @@ def test_table_normalisation_and_figures():
   assert '| opd | 0.500 | 0.400 | 0.700 |' in md
 
 
+def test_paired_figures_and_the_verdict_table():
+  """Per-sample scores → the verdict: gains ± SE on the teacher's own task, the students'
+  recovered fractions with intervals, Average intervals (by hand on 4 prompts × 2 samples)."""
+  prompt = np.repeat(np.arange(4), 2)
+  def row(comp, text, aes):
+    return {t: {'headline': np.asarray(v, float), 'dense': np.asarray(v, float), 'prompt': prompt}
+            for t, v in zip(TASKS, (comp, text, aes))}
+  zeros, ones = [0] * 8, [1] * 8
+  base = row(zeros, [.1, .1, .2, .2, .3, .3, .4, .4], [.5] * 8)
+  scores = {'base': base,
+            'teacher/composition': row([1, 1, 1, 1, 1, 0, 0, 0], base['text']['headline'],
+                                       [.5] * 8),
+            'teacher/text': row(zeros, [.3, .3, .4, .4, .5, .5, .8, .8], [.5] * 8),
+            'teacher/aesthetics': row(zeros, base['text']['headline'], [.9] * 8),
+            'opd': row([1, 1, 0, 0, 1, 0, 0, 0], [.2, .2, .3, .3, .4, .4, .6, .6], [.9] * 8),
+            'opd_single/text': row(zeros, [.3, .3, .4, .4, .5, .5, .8, .8], [.5] * 8)}
+  rows = [r for r in scores if not r.startswith('opd_single')]
+  paired = report.paired_figures(scores, TASKS, rows)
+  g = paired['teacher_gain']['composition']['composition']
+  d = np.array([1, 1, .5, 0])   # per-prompt teacher − base
+  assert g['mean'] == pytest.approx(d.mean()) and g['n'] == 4
+  assert g['se'] == pytest.approx(d.std(ddof=1) / 2)
+  assert paired['teacher_gain']['text']['text']['mean'] == pytest.approx(0.25)
+  assert paired['teacher_gain']['aesthetics']['aesthetics']['se'] == 0.0
+  assert paired['teacher_gain']['aesthetics']['aesthetics']['z'] is None
+  rec = paired['recovered']
+  assert rec['opd']['composition']['value'] == pytest.approx(0.375 / 0.625)
+  assert rec['opd']['text']['value'] == pytest.approx(0.125 / 0.25)
+  assert rec['opd']['aesthetics']['value'] == pytest.approx(1.0)
+  assert set(rec) == {'opd', 'opd_single/text'} and set(rec['opd_single/text']) == {'text'}
+  assert rec['opd_single/text']['text']['value'] == pytest.approx(1.0)
+  assert set(paired['average_interval']) == set(scores)
+  evals = {r: {**{t: float(np.mean(s[t]['headline'])) for t in TASKS},
+               **{f'reward/{t}': float(np.mean(s[t]['dense'])) for t in TASKS}}
+           for r, s in scores.items() if r in rows}
+  table = report.build_table(evals, {}, TASKS)
+  md = report.markdown(table, {'paired': paired}, {'eval': 'test', 'seed': 0, 'machine': 'm'})
+  assert md.index('## Verdict') < md.index('| model |')
+  assert '| text | +0.250 ± 0.050 | +5.0 | 0.50 [' in md
+  assert '| aesthetics | +0.400 ± 0.000 | — | 1.00 [1.00, 1.00] |' in md
+
+
 # The Flow-GRPO teachers sample 3 prompts an iteration, as multitask_rl does (one per task): that
 # stage's sampler and update are then the teachers' programs, read from the session's compilation
 # cache instead of compiled again (measured: the stage 20 → 7 s).

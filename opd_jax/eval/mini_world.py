@@ -42,6 +42,18 @@ def headline_metric(task: str) -> str:
   return 'composition_strict' if task == 'composition' else task
 
 
+def summary(scores: dict[str, dict[str, np.ndarray]]) -> dict[str, float]:
+  """`Evaluator.scores` → the flat means `Evaluator.__call__` returns (without 'eval_s')."""
+  out: dict[str, float] = {}
+  for task, s in scores.items():
+    out[f'reward/{task}'] = float(np.mean(s['dense']))
+    out[task] = float(np.mean(s['headline']))
+    if task == 'composition':
+      out['composition_strict'] = out[task]
+  out['mean_score'] = float(np.mean([out[t] for t in scores]))
+  return out
+
+
 @dataclasses.dataclass
 class _Sampler:
   policy: Policy
@@ -171,12 +183,6 @@ class Evaluator:
       'eval_s' = wall-clock seconds.
     """
     start = time.time()
-    out: dict[str, float] = {}
-    for task, s in self.scores(adapter, cfg_scale, images_out).items():
-      out[f'reward/{task}'] = float(np.mean(s['dense']))
-      out[task] = float(np.mean(s['headline']))
-      if task == 'composition':
-        out['composition_strict'] = out[task]
-    out['mean_score'] = float(np.mean([out[t] for t in self.cfg.tasks]))
+    out = summary(self.scores(adapter, cfg_scale, images_out))
     out['eval_s'] = time.time() - start
     return out

@@ -7,7 +7,9 @@ over its samples) removes the between-prompt variance that an unpaired compariso
   gain      mean_i d_i, with standard error std(d, ddof=1) / √n over the n prompts;
   fraction  (student − base) / (teacher − base), the share of a teacher's gain a student keeps,
             with a 95 % percentile-bootstrap interval that resamples prompts (all three models'
-            scores of a prompt move together, so the ratio's correlation is kept).
+            scores of a prompt move together, so the ratio's correlation is kept);
+  Average   the paper's mean of min–max normalised task scores (opd_jax.recipe.report), with a
+            bootstrap interval that resamples each task's prompts, bounds recomputed each time.
 """
 
 from __future__ import annotations
@@ -54,3 +56,33 @@ def recovered_fraction(base: np.ndarray, teacher: np.ndarray, student: np.ndarra
   tail = (1 - level) / 2 * 100
   low, high = np.percentile(ratios, [tail, 100 - tail])
   return {'value': value, 'low': float(low), 'high': float(high)}
+
+
+def average_interval(prompt_scores: dict[str, dict[str, np.ndarray]], bound_rows: list[str],
+                     resamples: int = 2000, level: float = 0.95, seed: int = 0
+                     ) -> dict[str, tuple[float, float]]:
+  """Bootstrap interval of every row's normalised Average.
+
+  Args:
+    prompt_scores: {row: {task: per-prompt means [P_task]}}, the same prompts in every row.
+    bound_rows: the rows whose min and max per task give the normalisation (the table's rows;
+      other rows, e.g. single-teacher students, are normalised with those bounds).
+
+  Returns {row: (low, high)}: each task's prompts resampled with replacement (jointly for all
+  rows), per-task means, min–max bounds over `bound_rows`, the Average per row, percentiles.
+  """
+  rows = list(prompt_scores)
+  tasks = list(prompt_scores[rows[0]])
+  rng = np.random.default_rng(seed)
+  parts = []
+  for t in tasks:
+    table = np.stack([prompt_scores[r][t] for r in rows])              # [M, P]
+    idx = rng.integers(0, table.shape[1], size=(resamples, table.shape[1]))
+    means = table[:, idx].mean(axis=-1)                                # [M, R]
+    bounds = means[[rows.index(r) for r in bound_rows]]
+    low, span = bounds.min(axis=0), bounds.max(axis=0) - bounds.min(axis=0)
+    parts.append(np.where(span > 0, (means - low) / np.where(span > 0, span, 1), 0.0))
+  averages = np.mean(parts, axis=0)                                    # [M, R]
+  tail = (1 - level) / 2 * 100
+  return {r: tuple(float(v) for v in np.percentile(averages[i], [tail, 100 - tail]))
+          for i, r in enumerate(rows)}

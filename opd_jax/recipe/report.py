@@ -1,5 +1,9 @@
 """The mini Table 1: held-out scores of every model, normalised Average, curves and sample grids.
 
+report.md leads with the verdict (`verdict_markdown`): per task the teacher's paired gain over
+the base ± SE and the OPD student's recovered fraction with its 95 % bootstrap interval, and every
+model's Average with its interval (figures.paired in report.json, `paired_figures`).
+
 report.json schema (issue #3):
   {"rows": {NAME: {"rewards": {TASK: float}, "average": float, "train_seconds": float, ...}},
    "tasks": [...], "normalisation": {TASK: {"min": float, "max": float}, "method": str}, ...}
@@ -29,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from opd_jax.mini_world import artifacts
+from opd_jax.eval.mini_world import summary
 from opd_jax.recipe.evaluation import evaluator
 
 CURVE_STAGES = ('opd', 'multitask_rl', 'cascade_rl')
@@ -124,6 +129,86 @@ def derived_figures(table: dict, curves: dict[str, list]) -> dict[str, Any]:
   return out
 
 
+def paired_figures(scores: dict[str, dict], tasks: Sequence[str], bound_rows: Sequence[str]
+                   ) -> dict[str, Any]:
+  """The verdict's statistics from per-sample scores (opd_jax.eval.paired).
+
+  Args:
+    scores: {row: Evaluator.scores output}, every row on the same prompts and noise.
+    bound_rows: the table's rows (their min–max per task normalises the Average).
+
+  Returns:
+    'teacher_gain': {teacher task: {task: paired gain over the base ± SE, z}};
+    'recovered': {student row: {task: fraction of that task's teacher gain, 95 % interval}} for
+      'opd' (every task) and 'opd_single/<task>' (its own task);
+    'average_interval': {row: [low, high]}, the 95 % bootstrap interval of its Average.
+  """
+  from opd_jax.eval import paired
+  if 'base' not in scores:
+    return {}
+  head = lambda row, t: scores[row][t]['headline']
+  prompt = {t: scores['base'][t]['prompt'] for t in tasks}
+  teachers = [t for t in tasks if f'teacher/{t}' in scores]
+  out: dict[str, Any] = {'teacher_gain': {
+      t: {u: paired.paired_gain(head('base', u), head(f'teacher/{t}', u), prompt[u])
+          for u in tasks} for t in teachers}}
+  students = {'opd': teachers, **{f'opd_single/{t}': [t] for t in teachers}}
+  out['recovered'] = {
+      row: {t: paired.recovered_fraction(head('base', t), head(f'teacher/{t}', t), head(row, t),
+                                         prompt[t]) for t in own}
+      for row, own in students.items() if row in scores}
+  means = {row: {t: paired.prompt_means(head(row, t), prompt[t]) for t in tasks}
+           for row in scores}
+  out['average_interval'] = {row: list(v) for row, v in
+                             paired.average_interval(means, list(bound_rows)).items()}
+  return out
+
+
+def _interval(r: dict, digits: int = 2) -> str:
+  if r['value'] is None:
+    return '— (no teacher gain)'
+  if r['low'] is None:
+    return f'{r["value"]:.{digits}f}'
+  return f'{r["value"]:.{digits}f} [{r["low"]:.{digits}f}, {r["high"]:.{digits}f}]'
+
+
+def verdict_markdown(table: dict, paired_stats: dict) -> list[str]:
+  """The report's leading table: per task the teacher's gain ± SE and what the students keep."""
+  tasks = table['tasks']
+  gains, recovered = paired_stats['teacher_gain'], paired_stats['recovered']
+  singles = [r for r in recovered if r.startswith('opd_single/')]
+  lines = ['## Verdict', '',
+           'Per task: the teacher\'s gain over the base on its own task (paired per-prompt '
+           'difference ± its standard error, z = gain / SE), and the fraction of that gain the '
+           'OPD student keeps ((student − base) / (teacher − base), 95 % bootstrap interval over '
+           'prompts).', '',
+           '| task | teacher gain ± SE | z | OPD recovered [95 % CI] |' +
+           (' single-teacher OPD recovered [95 % CI] |' if singles else ''),
+           '|---|---|---|---|' + ('---|' if singles else '')]
+  for t in tasks:
+    if t not in gains:
+      continue
+    g = gains[t][t]
+    z = '—' if g['z'] is None else f'{g["z"]:+.1f}'
+    cells = [f'{g["mean"]:+.3f} ± {g["se"]:.3f}', z,
+             _interval(recovered['opd'][t]) if 'opd' in recovered else '—']
+    if singles:
+      row = recovered.get(f'opd_single/{t}')
+      cells.append(_interval(row[t]) if row else '—')
+    lines.append(f'| {t} | ' + ' | '.join(cells) + ' |')
+  rows = list(table['rows']) + list(table.get('extra_rows', {}))
+  intervals = paired_stats['average_interval']
+  lines += ['', 'Average (mean of min–max normalised task scores) with its 95 % bootstrap '
+            'interval (each task\'s prompts resampled, bounds recomputed): ' +
+            ', '.join(f'{r} {_row(table, r)["average"]:.3f} [{intervals[r][0]:.3f}, '
+                      f'{intervals[r][1]:.3f}]' for r in rows if r in intervals) + '.', '']
+  return lines
+
+
+def _row(table: dict, name: str) -> dict:
+  return table['rows'].get(name) or table['extra_rows'][name]
+
+
 def _fmt(x, digits=3):
   return '—' if x is None else f'{x:.{digits}f}'
 
@@ -132,11 +217,13 @@ def markdown(table: dict, figures: dict, meta: dict) -> str:
   tasks, rows = table['tasks'], table['rows']
   lines = ['# Mini-world DiffusionOPD report', '',
            f'Held-out prompts ({meta["eval"]}); seed {meta["seed"]}; machine: {meta["machine"]}.',
-           'Composition = GenEval-style strict accuracy; text, aesthetics = mean reward.', '',
-           '| model | ' + ' | '.join(tasks) + ' | Average | train s |',
-           '|---|' + '---|' * (len(tasks) + 2)]
+           'Composition = GenEval-style strict accuracy; text, aesthetics = mean reward.', '']
   if 'base' in meta:
     lines.insert(4, f'Base: {meta["base"]}.')
+  if figures.get('paired', {}).get('teacher_gain'):
+    lines += verdict_markdown(table, figures['paired'])
+  lines += ['## Every model', '', '| model | ' + ' | '.join(tasks) + ' | Average | train s |',
+            '|---|' + '---|' * (len(tasks) + 2)]
   for name, r in list(rows.items()) + list(table.get('extra_rows', {}).items()):
     lines.append(f'| {name} | ' + ' | '.join(_fmt(r['rewards'][t]) for t in tasks) +
                  f' | {_fmt(r["average"])} | {r["train_seconds"]:.0f} |')
@@ -222,18 +309,20 @@ def write_report(recipe, directory: str) -> dict:
     adapter = artifacts.load_adapter(record['artifact'])
     models[name] = (adapter, adapter.cfg_scale)
     seconds[name] = record['train_seconds']
-  evals, samples = {}, {}
+  scores, evals, samples = {}, {}, {}
   for name, (adapter, cfg) in models.items():
     images: dict = {}
-    evals[name] = ev(adapter, cfg_scale=cfg, images_out=images)
+    scores[name] = ev.scores(adapter, cfg_scale=cfg, images_out=images)
+    evals[name] = summary(scores[name])
     samples[name] = {t: images[t][0][:c.grid_prompts] for t in recipe.tasks}
   extra = {}
   for t in recipe.tasks:
     record = recipe.cached(f'opd_single_{t}')
     if record is not None:
       adapter = artifacts.load_adapter(record['artifact'])
-      extra[f'opd_single/{t}'] = (ev(adapter, cfg_scale=adapter.cfg_scale),
-                                  record['train_seconds'])
+      name = f'opd_single/{t}'
+      scores[name] = ev.scores(adapter, cfg_scale=adapter.cfg_scale)
+      extra[name] = (summary(scores[name]), record['train_seconds'])
   table = build_table(evals, seconds, recipe.tasks)
   if extra:   # single-teacher students: same bounds, kept apart from the Table-1 rows
     bounds = {t: table['normalisation'][t] for t in recipe.tasks}
@@ -245,6 +334,7 @@ def write_report(recipe, directory: str) -> dict:
   curves = {s: recipe.cached(s).get('curve', []) for s in CURVE_STAGES
             if recipe.cached(s) is not None}
   figures = derived_figures(table, curves)
+  figures['paired'] = paired_figures(scores, recipe.tasks, list(table['rows']))
   meta = {'eval': f'{c.eval.split} split, {c.eval.num_steps}-step Euler ODE, each model at its '
                   'own CFG, EMA weights',
           'seed': int(recipe.config.seed), 'machine': _machine(),
