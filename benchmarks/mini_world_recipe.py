@@ -65,9 +65,13 @@ def aggregate(reports: list[dict], walls: list[float | None]) -> dict:
                for t in figures[0].get('opd_recovered_fraction', {})}
   times = {key: {n: _stats([f[key].get(n) for f in figures]) for n in figures[0].get(key, {})}
            for key in TIME_FIGURES}
+  # The verdict per seed (issue #16 asks for every seed, not the mean): reports that carry the
+  # paired per-prompt statistics (opd_jax.recipe.report.paired_figures).
+  verdicts = [f['paired'] for f in figures if f.get('paired', {}).get('teacher_gain')]
   return {'tasks': tasks, 'rows': rows, 'teacher_gain_over_base': gains,
           'opd_recovered_fraction': recovered, **times,
-          'main_command_seconds': _stats(walls), 'seeds': len(reports)}
+          'main_command_seconds': _stats(walls), 'seeds': len(reports),
+          'verdict_per_seed': verdicts if len(verdicts) == len(reports) else []}
 
 
 def _pm(s, digits=3):
@@ -95,6 +99,7 @@ def markdown(agg: dict, meta: dict) -> str:
   out += ['', 'OPD student, recovered fraction of each teacher\'s own-task gain '
           '((opd − base) / (teacher − base)): ' +
           ', '.join(f'{t} {_pm(v, 2)}' for t, v in agg['opd_recovered_fraction'].items()), '']
+  out += verdict_markdown(agg, meta['seeds'])
   for key, what in TIME_FIGURES.items():
     out += [f'Training seconds to reach {what} (probe curves, normalised over their points): ' +
             ', '.join(f'{n} {_pm(v, 0)}' for n, v in agg.get(key, {}).items()), '']
@@ -104,6 +109,42 @@ def markdown(agg: dict, meta: dict) -> str:
   out += ['', f'Plot and grids of seed {meta["first_seed"]}: mini_world_reward_vs_wallclock.png, '
           'mini_world_samples_<task>.png.']
   return '\n'.join(out) + '\n'
+
+
+def _interval(r):
+  if r['value'] is None:
+    return '—'
+  if r['low'] is None:
+    return f'{r["value"]:.2f}'
+  return f'{r["value"]:.2f} [{r["low"]:.2f}, {r["high"]:.2f}]'
+
+
+def verdict_markdown(agg: dict, seeds: list[int]) -> list[str]:
+  """Per seed: each teacher's own-task gain ± paired SE (z), the OPD student's recovered
+  fraction [95 % bootstrap interval], and the Averages of OPD and the baselines [interval]."""
+  if not agg['verdict_per_seed']:
+    return []
+  tasks = agg['tasks']
+  out = ['Per seed (paired over held-out prompts; report.md of each seed has the details): '
+         'teacher gain on its own task ± SE (z), the OPD student\'s recovered fraction [95 % '
+         'interval], Averages [95 % interval]:', '',
+         '| seed | ' + ' | '.join(f'{t} gain (z) | {t} recovered' for t in tasks) +
+         ' | Average: opd | multitask_rl | cascade_rl |',
+         '|---|' + '---|---|' * len(tasks) + '---|---|---|']
+  for seed, v in zip(seeds, agg['verdict_per_seed']):
+    cells = []
+    for t in tasks:
+      g = v['teacher_gain'].get(t, {}).get(t)
+      cells.append('—' if g is None else
+                   f'{g["mean"]:+.3f} ± {g["se"]:.3f} '
+                   f'({"—" if g["z"] is None else format(g["z"], "+.1f")})')
+      cells.append(_interval(v['recovered']['opd'][t]) if t in v['recovered'].get('opd', {})
+                   else '—')
+    for row in ('opd', 'multitask_rl', 'cascade_rl'):
+      iv = v['average_interval'].get(row)
+      cells.append('—' if iv is None else f'[{iv[0]:.2f}, {iv[1]:.2f}]')
+    out.append(f'| {seed} | ' + ' | '.join(cells) + ' |')
+  return out + ['']
 
 
 def main():
