@@ -1,9 +1,9 @@
 """Runs `python -m opd_jax.main` in a subprocess for the CLI tests.
 
 The child sees `devices` forced host devices (the parent's conftest sets 8 for in-process
-tests; the other XLA flags and the compilation cache carry over), XLA's faster-compiling CPU
-kernel emitters (`xla_testing.FAST_COMPILE_FLAG`) and, like a user, the repository root as its
-working directory. `ForkServer` runs many short command lines (the one-line user errors) in
+tests; the other XLA flags — the faster-compiling CPU kernel emitters among them, xla_testing.py
+— and the compilation cache carry over) and, like a user, the repository root as its working
+directory. `ForkServer` runs many short command lines (the one-line user errors) in
 children forked from one process that imported the libraries once.
 """
 
@@ -11,8 +11,6 @@ import json
 import os
 import subprocess
 import sys
-
-from xla_testing import FAST_COMPILE_FLAG
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,12 +21,11 @@ def main_command(config: str, workdir, *args: str) -> list[str]:
 
 
 def child_env(devices: int = 1) -> dict:
-  """This environment (conftest.py's XLA flags and compilation cache) with `devices` devices and
-  the older CPU kernel emitters (xla_testing.py: compiles about twice as fast)."""
+  """This environment (conftest.py's XLA flags, the older CPU kernel emitters among them, and
+  compilation cache) with `devices` devices."""
   flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_force_host_platform_device_count')
-           and f != FAST_COMPILE_FLAG]
-  flags += [f'--xla_force_host_platform_device_count={devices}', FAST_COMPILE_FLAG]
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  flags.append(f'--xla_force_host_platform_device_count={devices}')
   return dict(os.environ, XLA_FLAGS=' '.join(flags), JAX_PLATFORMS='cpu')
 
 

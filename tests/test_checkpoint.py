@@ -4,6 +4,7 @@ Exact resume, NaN states never saved, damaged and unusable checkpoints: tests/te
 """
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -22,14 +23,18 @@ def _same(a, b, atol=0.0):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
 
 
-def test_restore_onto_a_different_mesh(tmp_path):
+def test_restore_onto_a_different_mesh(tmp_path, capsys):
   # The global batch is prompts_per_device × batch devices: 4 × 2 before, 1 × 8 after.
   full, _ = train_opd(_config(4, **{'data.batch_size_per_device': 4}), str(tmp_path / 'a'),
                       mesh=mesh_of(2))
-  train_opd(_config(2, **{'data.batch_size_per_device': 4}), str(tmp_path / 'b'),
-            mesh=mesh_of(2))
+  # The 2-device run as a run killed after saving step 2 leaves it (its step-4 checkpoint gone),
+  # resumed on 4 data × 2 fsdp devices.
+  shutil.copytree(tmp_path / 'a', tmp_path / 'b')
+  shutil.rmtree(tmp_path / 'b' / 'checkpoints' / '4')
+  capsys.readouterr()
   resumed, _ = train_opd(_config(4, **{'data.batch_size_per_device': 1}), str(tmp_path / 'b'),
                          mesh=mesh_of(4, 2))
+  assert 'resumed from step 2' in capsys.readouterr().out
   _same(full.params, resumed.params, atol=1e-5)
   _same(full.opt_state, resumed.opt_state, atol=1e-5)
 

@@ -228,6 +228,37 @@ def test_non_finite_step_is_never_saved_and_a_rerun_resumes_before_it(
   _assert_bit_identical(uninterrupted['state'], jax.device_get(rerun.state))
 
 
+class _CountingCompiles:
+  """A trainer that counts the loop's calls of its `compile`."""
+
+  def __init__(self, trainer):
+    self.trainer, self.compiles = trainer, 0
+
+  def __getattr__(self, name):
+    return getattr(self.trainer, name)
+
+  def compile(self):
+    self.compiles += 1
+    return self.trainer.compile()
+
+
+def test_rerun_of_a_finished_run_compiles_nothing_and_returns_its_state(
+    uninterrupted, trainer_logging_every_2, tmp_path, capsys):
+  workdir = shutil.copytree(uninterrupted['workdir'], tmp_path / 'run')
+  trainer = _CountingCompiles(trainer_logging_every_2)
+  result = loop.run(trainer, trainer.config, str(workdir))
+  assert trainer.compiles == 0 and result.start_step == STEPS
+  assert f'resumed from step {STEPS}' in capsys.readouterr().out
+  _assert_bit_identical(uninterrupted['state'], jax.device_get(result.state))
+  assert _steps(workdir) == [CUT, STEPS] and _logged_steps(workdir) == [1, 2, 3, 4]
+  # One step left: the loop compiles it before running it.
+  counted = _CountingCompiles(trainer_logging_every_2)
+  more = trainer.config.copy_and_resolve_references()
+  more.train.num_steps = STEPS + 1
+  assert loop.run(counted, more, str(workdir)).start_step == STEPS and counted.compiles == 1
+  assert _steps(workdir) == [CUT, STEPS, STEPS + 1]
+
+
 # --- config changes on resume ----------------------------------------------------------------
 @pytest.mark.parametrize('field, change', [
     ('seed', {'seed': 1}),

@@ -7,8 +7,6 @@ from flax import nnx
 
 from opd_jax.models.mmdit import MMDiT, MMDiTConfig
 
-from xla_testing import FAST_COMPILE
-
 CFG = MMDiTConfig(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=5,
                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
                   caption_projection_dim=16, pooled_projection_dim=10, pos_embed_max_size=8,
@@ -33,10 +31,9 @@ def test_scanned_equals_unrolled_forward_and_gradient():
   ctx, pooled = jax.random.normal(k[1], (2, 5, 12)), jax.random.normal(k[2], (2, 10))
   ts = jnp.array([900.0, 100.0])
 
-  def loss(gd):   # both compiled with the faster-compiling kernel emitters (xla_testing.py)
+  def loss(gd):
     return jax.jit(jax.value_and_grad(
-        lambda s: jnp.mean(nnx.merge(gd, s)(x, ts, ctx, pooled) ** 2)),
-        compiler_options=FAST_COMPILE)
+        lambda s: jnp.mean(nnx.merge(gd, s)(x, ts, ctx, pooled) ** 2)))
 
   (la, ga), (lb, gb) = loss(graphdef)(state), loss(scanned)(state)
   np.testing.assert_allclose(la, lb, rtol=1e-6)

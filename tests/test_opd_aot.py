@@ -11,7 +11,6 @@ from opd_jax.opd.config import check_global_batch
 from opd_jax.opd.setup import build_opd, device_batch
 
 from opd_testing import mesh_of, tiny_config
-from xla_testing import FAST_COMPILE
 
 
 def _described(tree):
@@ -33,12 +32,11 @@ def test_compiled_from_shapes_equals_the_built_round():
   assert _described(shapes.frozen) == _described(setup.frozen)
   assert _described(shapes.batch) == _described(batch)
 
-  # Both compiled with the faster-compiling kernel emitters (xla_testing.py): the built round
-  # lowered from the real arguments, as calling it would, then the one from shapes alone — the
-  # same program, read from the session's compilation cache (measured: 14 → 5 s of compiling).
-  built = setup.round_fn.lower(setup.init_state(), setup.frozen, batch).compile(FAST_COMPILE)
+  # The built round lowered from the real arguments, as calling it would, then the one from
+  # shapes alone — the same program, read from the session's compilation cache.
+  built = setup.round_fn.lower(setup.init_state(), setup.frozen, batch).compile()
   expected_state, expected = built(setup.init_state(), setup.frozen, batch)
-  compiled = shapes.lower().compile(FAST_COMPILE)
+  compiled = shapes.lower().compile()
   state, metrics = compiled(setup.init_state(), setup.frozen, batch)
   for a, b in zip(jax.tree.leaves((expected_state, expected)), jax.tree.leaves((state, metrics))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -95,9 +93,10 @@ def _sd35_round_temp(devices: int) -> int:
   c.data.batch_size, c.data.batch_size_per_device = 0, 3
   negative = {'context': jax.ShapeDtypeStruct((1, 7, 256), jnp.float32),
               'pooled': jax.ShapeDtypeStruct((1, 128), jnp.float32)}
-  # aot.compile_round with the faster-compiling kernel emitters (xla_testing.py): the same HLO
-  # passes, so the same buffer assignment (measured: the same temporaries, 33 → 25 s a compile).
-  compiled = aot.abstract_round(c, mesh_of(1, devices), negative).lower().compile(FAST_COMPILE)
+  # Compiled with the suite's faster-compiling kernel emitters (conftest.py, xla_testing.py): the
+  # same HLO passes, so the same buffer assignment (measured: the same temporaries as with the
+  # default emitters, 33 → 25 s a compile).
+  compiled = aot.abstract_round(c, mesh_of(1, devices), negative).lower().compile()
   return aot.memory_per_device(compiled)['temp']
 
 

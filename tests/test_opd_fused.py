@@ -24,6 +24,7 @@ from opd_jax.opd.setup import build_opd
 from opd_jax.sampling.rollout import sample_keys
 
 from opd_testing import mesh_of, run_rounds, tiny_config
+from xla_testing import FUSION_EMITTERS
 
 
 def _relative(a, b):
@@ -51,11 +52,13 @@ def test_fused_gradient_equals_the_two_pass_gradient(overrides):
   cond = jax.tree.map(lambda x: jnp.asarray(x[0]), source.next_batch())
   keys = sample_keys(jax.random.PRNGKey(0), 0, 0, 4)
   fused_spec = dataclasses.replace(setup.spec, fused_vjp=True)
-  reference = jax.jit(lambda p, t: task_loss_and_grad(setup.spec, p, setup.frozen, cond, t, keys))
+  # XLA's default CPU kernels (the suite's flag swaps them, xla_testing.py): the gaps measured
+  # in the module docstring, and the 2× below, are theirs.
+  jit = lambda f: jax.jit(f, compiler_options=FUSION_EMITTERS)
+  reference = jit(lambda p, t: task_loss_and_grad(setup.spec, p, setup.frozen, cond, t, keys))
   per_step = dataclasses.replace(setup.spec, timestep_chunks=setup.spec.num_train_steps)
-  reassociated = jax.jit(lambda p, t: task_loss_and_grad(per_step, p, setup.frozen, cond, t, keys))
-  fused = jax.jit(lambda p, t: fused_task_loss_and_grad(fused_spec, p, setup.frozen, cond, t,
-                                                        keys))
+  reassociated = jit(lambda p, t: task_loss_and_grad(per_step, p, setup.frozen, cond, t, keys))
+  fused = jit(lambda p, t: fused_task_loss_and_grad(fused_spec, p, setup.frozen, cond, t, keys))
   for teacher in range(3):
     g_ref, kl_ref = reference(student, jnp.int32(teacher))
     g, kl = fused(student, jnp.int32(teacher))

@@ -9,7 +9,8 @@ fingerprints of its inputs — and `run` does the rest the same way for all of t
     the same content (`train.allow_changed_config` overrides both); the data position, the
     cumulative training seconds and the probe history come back with the state;
   * the trainer's step compiled before the first one (`Trainer.compile`), after those checks:
-    a refused resume costs no compile, a program too big for a device stops before any step;
+    a refused resume costs no compile, a program too big for a device stops before any step,
+    and a run restored at (or past) train.num_steps, with no step left, compiles nothing;
   * a progress bar; metrics.jsonl + TensorBoard, one row per logged step, none duplicated after
     a resume (`MetricWriter`);
   * the host reads metrics only on log and checkpoint steps, and stops with `NonFiniteError`
@@ -105,7 +106,8 @@ def run(trainer: Trainer, config, workdir: str, probe: Probe | None = None,
     restored = ckpt.restore(trainer.abstract_state)
     if restored is not None:
       _check_resume(ckpt, config, fingerprint, restored.loop, None)
-    trainer.compile()
+    if restored is None or restored.step < t.num_steps:
+      trainer.compile()
   except BaseException:
     ckpt.close()
     raise
