@@ -93,6 +93,17 @@ def gains(seed_run: dict) -> dict:
                  for t in s} for name, s in seed_run['teachers'].items()}
 
 
+def differences(seed_run: dict) -> dict:
+  """{title: {task: paired difference B − A on the task}} of one seed, for each comparison."""
+  from opd_jax.eval.paired import paired_gain
+  t = seed_run['teachers']
+  prompt = {task: s['prompt'] for task, s in seed_run['base'].items()}
+  return {title: {task: paired_gain(t[f'{a}/{task}'][task]['headline'],
+                                    t[f'{b}/{task}'][task]['headline'], prompt[task])
+                  for task in tasks}
+          for title, a, b, tasks in COMPARISONS}
+
+
 def _jsonable(x):
   if isinstance(x, dict):
     return {k: _jsonable(v) for k, v in x.items()}
@@ -118,7 +129,7 @@ def markdown(per_seed: dict, meta: dict) -> str:
            'teacher − base ± its standard error; z = gain / SE. train s: the teacher stage\'s '
            'training seconds.', '']
   if meta.get('note'):
-    lines[-1:-1] = [meta['note'], '']
+    lines += [meta['note'], '']
   for title, a, b, tasks in COMPARISONS:
     lines += [f'## {title}', '',
               '| teacher task | algorithm | ' + ' | '.join(f'seed {s}: own gain (z)'
@@ -143,6 +154,11 @@ def markdown(per_seed: dict, meta: dict) -> str:
         lines.append(f'| {task} | {variant} | ' + ' | '.join(cells) +
                      f' | {np.mean(own):+.3f} ± {np.std(own, ddof=1) if len(own) > 1 else 0:.3f}'
                      f' | {other} | {np.mean(secs):.0f} |')
+    lines += ['', f'Paired difference {b} − {a} on the teacher\'s own task, per seed (± SE):', '']
+    for task in tasks:
+      cells = [f'seed {s} {d["mean"]:+.3f} ± {d["se"]:.3f}'
+               for s in seeds for d in [per_seed[s]['differences'][title][task]]]
+      lines.append(f'- {task}: ' + ', '.join(cells))
     lines.append('')
   return '\n'.join(lines) + '\n'
 
@@ -166,7 +182,8 @@ def main(argv=None) -> None:
       run = run_seed(seed, args.workroot)
       with open(path, 'w') as f:
         json.dump(_jsonable(run), f)
-    per_seed[seed] = {'gains': gains(run), 'train_seconds': run['train_seconds']}
+    per_seed[seed] = {'gains': gains(run), 'differences': differences(run),
+                      'train_seconds': run['train_seconds']}
   commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True,
                           text=True).stdout.strip()
   first = next(iter(per_seed.values()))['gains']
