@@ -5,10 +5,10 @@ the rewards score) is saved as a diffusers folder, the prompt cache is made by
 `python -m opd_jax.tools.encode_prompts`, and tiny CLIP reward weights are written as HF
 folders. Each RL trainer then runs on it through the real config: rollouts sampled in chunks
 whose rewards are scored in a worker thread, the tiny PickScore on one task and an easy reward
-(image brightness, standing in for the OCR reward's loader) on the other, which GRPO-Guard must
-visibly climb. DiffusionNFT (θ_old in its state) resumes bit for bit and its PEFT export gives,
-in diffusers + peft, the JAX teacher's velocities; the first RL step on a 4 data × 2 fsdp mesh
-logs what the 2-device run logged.
+(image brightness, standing in for the OCR reward's loader) on the other, which GRPO-Guard,
+Flow-GRPO and DiffusionNFT must each visibly climb. DiffusionNFT (θ_old in its state) resumes
+bit for bit and its PEFT export gives, in diffusers + peft, the JAX teacher's velocities; the
+first RL step on a 4 data × 2 fsdp mesh logs what the 2-device run logged.
 """
 
 import os
@@ -81,13 +81,20 @@ def _mesh(shape=None, n=1):
   return make_mesh(shape or {'data': n}, jax.devices()[:n])
 
 
-# DiffusionNFT is not here: on this tiny pipeline its images barely follow its parameters
-# (12 iterations at lr 3e-2 or 0.1, faithful or mini-world options: brightness +0.5 ± 0.3, under
-# 3 SE; measured while writing this test); its rise is shown on the mini world
-# (tests/test_nft.py) and it runs, resumes and exports below.
-# Flow-GRPO is GRPO-Guard's code with the plain ratio: its rise is shown on the mini world
-# (tests/test_grpo.py); here one run each would cost CI ~40 s more.
+# Each trainer's climb: the settings under which the easy reward rises on this tiny pipeline
+# (measured while writing these tests: GRPO-Guard needs its clip range opened to 1e-3, DiffusionNFT
+# 24 iterations — at 12 its rise stayed under 3 SE, at lr 0.1 with the mini world's options it fell).
 CLIMB = {'optimizer.lr': 3e-2, 'grpo.clip_range': 1e-3, 'train.num_microbatches': 1}
+FLOW_GRPO_CLIMB = {'optimizer.lr': 3e-2, 'grpo.clip_range': 0.05, 'train.num_microbatches': 1}
+NFT_STEPS = 24
+NFT_CLIMB = {'optimizer.lr': 3e-2, 'train.checkpoint_every': 4}   # 2 micro-batches (default here)
+
+
+def _rises(workdir, task='text') -> tuple[np.ndarray, float, float]:
+  """The task's reward per iteration, the rise from the first 4 to the last 4, and its SE."""
+  curve = np.array([r[f'reward/{task}'] for r in read_metrics(str(workdir))])
+  first, last = curve[:4], curve[-4:]
+  return curve, last.mean() - first.mean(), np.sqrt(first.var(ddof=1) / 4 + last.var(ddof=1) / 4)
 
 
 @pytest.fixture(scope='module')
@@ -100,21 +107,45 @@ def climb(files, tmp_path_factory):
   return workdir, out
 
 
+@pytest.fixture(scope='module')
+def nft_climb(files, tmp_path_factory):
+  """DiffusionNFT (upstream's options, θ_old in its state) for 24 iterations on 2 devices."""
+  workdir = tmp_path_factory.mktemp('nft_climb')
+  config = _config(files, 'nft', NFT_STEPS, **NFT_CLIMB)
+  with pytest.MonkeyPatch.context() as mp:
+    mini_testing.brightness_reward(mp, 'ocr')
+    out = run_rl(config, str(workdir), mesh=_mesh(n=2))
+  return workdir, out, config
+
+
 @pytest.mark.slow
 def test_grpo_guard_teacher_climbs_an_easy_reward(climb):
   workdir, out = climb
   rows = read_metrics(str(workdir))
   assert [r['step'] for r in rows] == list(range(1, 13))
-  curve = np.array([r['reward/text'] for r in rows])
-  first, last = curve[:4], curve[-4:]
-  se = np.sqrt(first.var(ddof=1) / 4 + last.var(ddof=1) / 4)
-  assert last.mean() - first.mean() > 3 * se, curve
+  curve, rise, se = _rises(workdir)
+  assert rise > 3 * se, curve
   # The tiny PickScore scored the other task on every iteration.
   picks = np.array([r['reward/aesthetics'] for r in rows])
   assert np.all(np.isfinite(picks)) and np.ptp(picks) > 0
   assert all(r['guard_bias'] > 0 for r in rows[1:])
   assert os.path.isdir(out['teacher_dir'])
   assert os.path.exists(os.path.join(workdir, 'teacher_peft', 'adapter_config.json'))
+
+
+@pytest.mark.slow
+def test_flow_grpo_teacher_climbs_an_easy_reward(files, easy_text_reward, tmp_path):
+  run_rl(_config(files, 'grpo', 12, **FLOW_GRPO_CLIMB), str(tmp_path), mesh=_mesh(n=2))
+  curve, rise, se = _rises(tmp_path)
+  assert rise > 3 * se, curve
+
+
+@pytest.mark.slow
+def test_nft_teacher_climbs_an_easy_reward(nft_climb):
+  workdir, out, _ = nft_climb
+  curve, rise, se = _rises(workdir)
+  assert len(curve) == NFT_STEPS and rise > 3 * se, curve
+  assert os.path.isdir(out['teacher_dir'])
 
 
 def _saved_state(workdir, step: int) -> dict:
@@ -126,17 +157,17 @@ def _saved_state(workdir, step: int) -> dict:
 
 @pytest.mark.slow
 def test_nft_resumes_exactly_and_its_peft_export_loads_in_diffusers(files, easy_text_reward,
-                                                                     tmp_path):
-  config = _config(files, 'nft', 4, **{'optimizer.lr': 3e-2})   # θ_old lags θ (linear decay)
-  full = tmp_path / 'full'
-  run_rl(config, str(full), mesh=_mesh(n=2))
+                                                                     nft_climb, tmp_path):
+  """The climb cut back to its step-20 checkpoint, resumed: the same final state (θ_old, which
+  lags θ under the linear decay, included) and metrics; then the PEFT export in diffusers."""
+  full, _, config = nft_climb
   resumed = tmp_path / 'resumed'
   shutil.copytree(full, resumed)
-  shutil.rmtree(resumed / 'checkpoints' / '4')
+  shutil.rmtree(resumed / 'checkpoints' / str(NFT_STEPS))
   for out in ('teacher', 'teacher_peft'):
     shutil.rmtree(resumed / out)
   run_rl(config, str(resumed), mesh=_mesh(n=2))
-  a, b = _saved_state(full, 4), _saved_state(resumed, 4)
+  a, b = _saved_state(full, NFT_STEPS), _saved_state(resumed, NFT_STEPS)
   assert sorted(a) == sorted(b) and any(k.startswith("['extra']['old']") for k in a)
   assert [k for k in a if not np.array_equal(a[k], b[k])] == []
   strip = lambda r: {k: v for k, v in r.items() if k != 'train_seconds'}
