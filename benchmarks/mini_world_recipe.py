@@ -115,7 +115,7 @@ def _interval(r):
   if r['value'] is None:
     return '—'
   if r['low'] is None:
-    return f'{r["value"]:.2f}'
+    return f'{r["value"]:.2f} [unbounded]'
   return f'{r["value"]:.2f} [{r["low"]:.2f}, {r["high"]:.2f}]'
 
 

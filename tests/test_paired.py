@@ -40,7 +40,7 @@ def test_recovered_fraction_and_its_bootstrap_interval():
   r = paired.recovered_fraction(base, teacher, student, prompt, resamples=1000)
   assert r['value'] == pytest.approx(np.mean(student - base) / np.mean(teacher - base))
   assert r['low'] < r['value'] < r['high']
-  assert r['low'] < 0.8 < r['high'] and r['high'] - r['low'] < 0.2
+  assert r['low'] < 0.8 < r['high'] and r['high'] - r['low'] < 0.2 and not r['unbounded']
   # Half the prompts: the interval widens by about √2.
   half = paired.recovered_fraction(base[:200], teacher[:200], student[:200], prompt[:200],
                                    resamples=1000)
@@ -50,7 +50,14 @@ def test_recovered_fraction_and_its_bootstrap_interval():
 def test_no_fraction_without_a_teacher_gain_and_bad_alignment_is_refused():
   prompt = np.array([0, 1])
   r = paired.recovered_fraction(np.zeros(2), np.zeros(2), np.ones(2), prompt)
-  assert r == {'value': None, 'low': None, 'high': None}
+  assert r == {'value': None, 'low': None, 'high': None, 'unbounded': True}
+  # A teacher gain within noise: its resamples cross zero, so the fraction's interval is unbounded.
+  rng = np.random.default_rng(3)
+  base = rng.normal(size=100)
+  noisy = paired.recovered_fraction(base, base + 0.02 + rng.normal(size=100),
+                                    base + 0.01 + 0.1 * rng.normal(size=100), np.arange(100))
+  assert noisy['value'] is not None and noisy['unbounded']
+  assert noisy['low'] is None and noisy['high'] is None
   with pytest.raises(ValueError, match='aligned'):
     paired.prompt_means(np.zeros(3), prompt)
   with pytest.raises(ValueError, match='aligned'):

@@ -37,25 +37,32 @@ def paired_gain(base: np.ndarray, model: np.ndarray, prompt: np.ndarray) -> dict
 
 def recovered_fraction(base: np.ndarray, teacher: np.ndarray, student: np.ndarray,
                        prompt: np.ndarray, resamples: int = 2000, level: float = 0.95,
-                       seed: int = 0) -> dict[str, float | None]:
+                       seed: int = 0) -> dict:
   """(student − base) / (teacher − base) over prompts, with a bootstrap interval.
 
-  None where the teacher's gain (or a resample's) is exactly zero: no fraction is defined.
+  Returns {'value', 'low', 'high', 'unbounded'}. value is None where the teacher's gain is
+  exactly zero (no fraction is defined). The interval is unbounded (low = high = None,
+  unbounded = True) when more than a tail's share of the resamples give the teacher a gain of
+  zero or of the other sign: the denominator then crosses zero and the ratio takes every value
+  (Fieller's case). Otherwise it is the percentile interval of the resamples whose teacher gain
+  has the sign of the observed one.
   """
   b, t, s = (prompt_means(x, prompt) for x in (base, teacher, student))
   gain = float(np.mean(t - b))
   value = float(np.mean(s - b)) / gain if gain != 0 else None
+  if value is None:
+    return {'value': None, 'low': None, 'high': None, 'unbounded': True}
   rng = np.random.default_rng(seed)
   idx = rng.integers(0, b.size, size=(resamples, b.size))
   teacher_gain = np.mean(t[idx] - b[idx], axis=1)
   student_gain = np.mean(s[idx] - b[idx], axis=1)
-  ok = teacher_gain != 0
-  if value is None or not np.all(ok):
-    return {'value': value, 'low': None, 'high': None}
-  ratios = student_gain / teacher_gain
-  tail = (1 - level) / 2 * 100
-  low, high = np.percentile(ratios, [tail, 100 - tail])
-  return {'value': value, 'low': float(low), 'high': float(high)}
+  same_sign = np.sign(teacher_gain) == np.sign(gain)
+  tail = (1 - level) / 2
+  if np.mean(~same_sign) > tail:
+    return {'value': value, 'low': None, 'high': None, 'unbounded': True}
+  ratios = student_gain[same_sign] / teacher_gain[same_sign]
+  low, high = np.percentile(ratios, [tail * 100, 100 - tail * 100])
+  return {'value': value, 'low': float(low), 'high': float(high), 'unbounded': False}
 
 
 def average_interval(prompt_scores: dict[str, dict[str, np.ndarray]], bound_rows: list[str],

@@ -168,7 +168,7 @@ def _interval(r: dict, digits: int = 2) -> str:
   if r['value'] is None:
     return '— (no teacher gain)'
   if r['low'] is None:
-    return f'{r["value"]:.{digits}f}'
+    return f'{r["value"]:.{digits}f} [unbounded: the teacher\'s gain is within noise]'
   return f'{r["value"]:.{digits}f} [{r["low"]:.{digits}f}, {r["high"]:.{digits}f}]'
 
 
