@@ -164,7 +164,7 @@ def test_paired_figures_and_the_verdict_table():
   assert '| aesthetics | +0.400 ± 0.000 | — | 1.00 [1.00, 1.00] |' in md
 
 
-# The Flow-GRPO teachers sample 3 prompts an iteration, as multitask_rl does (one per task): that
+# The GRPO-Guard teachers sample 3 prompts an iteration, as multitask_rl does (one per task): that
 # stage's sampler and update are then the teachers' programs, read from the session's compilation
 # cache instead of compiled again (measured: the stage 20 → 7 s).
 SHARED_PROGRAMS = ('--config.teachers.text.data.batch_size=3',
