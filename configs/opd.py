@@ -6,9 +6,10 @@
 
 Stages (opd_jax.recipe.mini_world), each cached in WORKDIR/<stage>/ and skipped when its
 settings have not changed: `pretrain` (base DiT + text encoder), `teachers` (one RL teacher per
-task, the paper's algorithms: DiffusionNFT for composition, GRPO-Guard for text and aesthetics), `opd`
-(the student, distilled from all three), `multitask_rl` and `cascade_rl` (the baselines) and
-`report` (report.json / report.md, reward_vs_wallclock.png, samples_<task>.png). Every section
+task, the paper's algorithms: DiffusionNFT for composition, GRPO-Guard for text and
+aesthetics), `opd` (the student, distilled from all three), `multitask_rl` and `cascade_rl`
+(the baselines) and `report` (report.json / report.md, reward_vs_wallclock.png,
+samples_<task>.png). Every section
 is the config of that stage run alone (configs/mini/*.py), so --config.opd.train.num_steps=..,
 --config.teachers.text.train.num_steps=.. etc. work as they would there. `:smoke` is a tiny
 version for tests.
