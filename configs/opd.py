@@ -9,10 +9,9 @@ settings have not changed: `pretrain` (base DiT + text encoder), `teachers` (one
 task, the paper's algorithms: DiffusionNFT for composition, GRPO-Guard for text and
 aesthetics), `opd` (the student, distilled from all three), `multitask_rl` and `cascade_rl`
 (the baselines) and `report` (report.json / report.md, reward_vs_wallclock.png,
-samples_<task>.png). Every section
-is the config of that stage run alone (configs/mini/*.py), so --config.opd.train.num_steps=..,
---config.teachers.text.train.num_steps=.. etc. work as they would there. `:smoke` is a tiny
-version for tests.
+samples_<task>.png). Every section is the config of that stage run alone (configs/mini/*.py),
+so --config.opd.train.num_steps=.., --config.teachers.text.train.num_steps=.. etc. work as they
+would there. `:smoke` is a tiny version for tests.
 """
 
 import ml_collections
