@@ -129,7 +129,7 @@ def test_paired_figures_and_the_verdict_table():
   def row(comp, text, aes):
     return {t: {'headline': np.asarray(v, float), 'dense': np.asarray(v, float), 'prompt': prompt}
             for t, v in zip(TASKS, (comp, text, aes))}
-  zeros, ones = [0] * 8, [1] * 8
+  zeros = [0] * 8
   base = row(zeros, [.1, .1, .2, .2, .3, .3, .4, .4], [.5] * 8)
   scores = {'base': base,
             'teacher/composition': row([1, 1, 1, 1, 1, 0, 0, 0], base['text']['headline'],
