@@ -6,9 +6,10 @@ the rewards score) is saved as a diffusers folder, the prompt cache is made by
 folders. Each RL trainer then runs on it through the real config: rollouts sampled in chunks
 whose rewards are scored in a worker thread, the tiny PickScore on one task and an easy reward
 (image brightness, standing in for the OCR reward's loader) on the other, which GRPO-Guard,
-Flow-GRPO and DiffusionNFT must each visibly climb (at seed 0: see CLIMB below). DiffusionNFT (θ_old in its state) resumes
-bit for bit and its PEFT export gives, in diffusers + peft, the JAX teacher's velocities; the
-first RL step on a 4 data × 2 fsdp mesh logs what the 2-device run logged.
+Flow-GRPO and DiffusionNFT must each visibly climb (at seed 0: see CLIMB below). DiffusionNFT
+(θ_old in its state) resumes bit for bit and its PEFT export gives, in diffusers + peft, the JAX
+teacher's velocities; the first RL step on a 4 data × 2 fsdp mesh logs what the 2-device run
+logged.
 """
 
 import os
