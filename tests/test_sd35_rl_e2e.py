@@ -6,7 +6,8 @@ the rewards score) is saved as a diffusers folder, the prompt cache is made by
 folders. Each RL trainer then runs on it through the real config: rollouts sampled in chunks
 whose rewards are scored in a worker thread, the tiny PickScore on one task and an easy reward
 (image brightness, standing in for the OCR reward's loader) on the other, which GRPO-Guard,
-Flow-GRPO and DiffusionNFT must each visibly climb (at seed 0: see CLIMB below). DiffusionNFT
+Flow-GRPO and DiffusionNFT must each climb: the saved teacher draws brighter images than the base
+from the same prompts and noise, by more than MIN_Z standard errors (see CLIMB). DiffusionNFT
 (θ_old in its state) resumes bit for bit and its PEFT export gives, in diffusers + peft, the JAX
 teacher's velocities; the first RL step on a 4 data × 2 fsdp mesh logs what the 2-device run
 logged.
@@ -16,6 +17,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -23,12 +25,18 @@ import pytest
 from configs.teachers_sd35m import get_config
 from opd_jax.mini_world.artifacts import load_adapter
 from opd_jax.parallel.mesh import make_mesh
+from opd_jax.rl.prompts import active_tasks
+from opd_jax.rl.setup import put_batch
 from opd_jax.rl.trainer import prepare, run_rl
 from opd_jax.train.metric_writer import read_metrics
 
 import clip_testing
 import mini_testing
 import sd3_testing
+
+# The run seed (config.seed). The climbs below were checked at seeds 0-4 with
+# `SD35_RL_SEED=k pytest tests/test_sd35_rl_e2e.py -k climbs`; CI runs seed 0.
+SEED = int(os.environ.get('SD35_RL_SEED', '0'))
 
 PROMPTS = {'text': ['a sign that says "OPEN"', 'the word "cat" on a wall', 'a label "7"',
                     'a shirt printed "hi"'],
@@ -70,6 +78,7 @@ def _config(files, trainer: str, steps: int, **overrides):
   if trainer == 'nft':
     c.nft.timesteps_per_sample = 3   # int(4 · 0.99) of the 4-step schedule, as upstream's 9 of 10
   c.ema.update(every=1)
+  c.seed = SEED
   c.train.update(num_steps=steps, checkpoint_every=2, async_checkpoints=False,
                  num_microbatches=2)    # 8-image minibatches on 2 devices: 2 images a micro-batch
   for key, value in overrides.items():
@@ -82,25 +91,51 @@ def _mesh(shape=None, n=1):
   return make_mesh(shape or {'data': n}, jax.devices()[:n])
 
 
-# Each trainer's climb: the settings under which the easy reward rises on this tiny pipeline
-# (measured while writing these tests: GRPO-Guard needs its clip range opened to 1e-3, DiffusionNFT
-# 24 iterations — at 12 its rise stayed under 3 SE, at lr 0.1 with the mini world's options it fell).
-# These rises hold at seed 0 (config.seed, the one the tests run) and NOT at seeds 1 and 2
-# (measured: z = 1.4 and −0.9 for NFT, −0.9 and −0.3 for Flow-GRPO, 2.0 for GRPO-Guard at seed 1;
-# lr 0.1 did not make them hold either): on this tiny random pipeline the images barely follow
-# the LoRA, so a climb is within a few SE of the iteration noise. They check that each trainer
-# still does at seed 0 what it did when written, not that it climbs for any seed.
-CLIMB = {'optimizer.lr': 3e-2, 'grpo.clip_range': 1e-3, 'train.num_microbatches': 1}
-FLOW_GRPO_CLIMB = {'optimizer.lr': 3e-2, 'grpo.clip_range': 0.05, 'train.num_microbatches': 1}
+# Each trainer's climb: settings under which the saved teacher draws brighter images than the
+# base from the same prompts and noise by more than MIN_Z standard errors (`_brighter_than_base`,
+# 64 paired samples), checked at seeds 0-4 (SEED above) while writing these tests: z = 9.5-20
+# for GRPO-Guard at lr 0.1 (its clip range opened to 1e-3), 6.4-36 for Flow-GRPO at lr 0.05 with
+# 24 iterations (at 12 iterations or lr 0.1 some seeds fell to z < 3 or below zero), 6.3-15 for
+# DiffusionNFT at lr 3e-2 with 24 iterations. The per-iteration training rewards are not the
+# judge: each iteration draws new noise, and on this tiny random pipeline their swings exceed
+# the climb (a first-vs-last rise cleared 3 SE at seed 0 only).
+CLIMB = {'optimizer.lr': 0.1, 'grpo.clip_range': 1e-3, 'train.num_microbatches': 1}
+FLOW_GRPO_CLIMB = {'optimizer.lr': 0.05, 'grpo.clip_range': 0.05, 'train.num_microbatches': 1}
+FLOW_GRPO_STEPS = 24
 NFT_STEPS = 24
 NFT_CLIMB = {'optimizer.lr': 3e-2, 'train.checkpoint_every': 4}   # 2 micro-batches (default here)
+MIN_Z = 5.0
 
 
-def _rises(workdir, task='text') -> tuple[np.ndarray, float, float]:
-  """The task's reward per iteration, the rise from the first 4 to the last 4, and its SE."""
-  curve = np.array([r[f'reward/{task}'] for r in read_metrics(str(workdir))])
-  first, last = curve[:4], curve[-4:]
-  return curve, last.mean() - first.mean(), np.sqrt(first.var(ddof=1) / 4 + last.var(ddof=1) / 4)
+def _brighter_than_base(config, teacher_dir: str, batches: int = 8) -> tuple[float, float]:
+  """The saved teacher's brightness gain over the base on the easy ('text') task, paired: both
+  sample the same prompts from the same noise with the trainer's own sampler, `batches`
+  iterations' worth of text rows. Returns (mean gain, its standard error)."""
+  with pytest.MonkeyPatch.context() as mp:
+    mini_testing.brightness_reward(mp, 'ocr')
+    trainer = prepare(config, mesh=_mesh(n=2))
+  try:
+    base = trainer.init_state().params           # LoRA B = 0: the base's velocities
+    teacher = jax.tree.map(lambda _, t: jnp.asarray(t), base,
+                           load_adapter(teacher_dir).params)
+    c, gains = trainer.config, []
+    key = jax.random.PRNGKey(1234)
+    for it in range(batches):
+      rb = trainer.prompts.next(active_tasks('joint', len(c.data.tasks), 0, 1))
+      chunk = len(rb.prompts) // c.data.sample_batches
+      for start in range(0, len(rb.prompts), chunk):   # the trainer's chunks: its compiled sampler
+        cond = put_batch(trainer.setup.mesh, rb.cond_rows(start, start + chunk))
+        bright = [np.asarray(trainer.sample_fn(p, trainer.setup.frozen, cond, key, jnp.int32(it),
+                                               jnp.int32(start))[1]).mean(axis=(1, 2, 3))
+                  for p in (teacher, base)]
+        gains.extend((bright[0] - bright[1])[rb.task[start:start + chunk] == 0])
+  finally:
+    trainer.scorer.close()
+  gains = np.asarray(gains)
+  gain, se = float(gains.mean()), float(gains.std(ddof=1) / np.sqrt(len(gains)))
+  print(f'{config.trainer} at seed {config.seed}: teacher − base brightness {gain:.3f} ± {se:.3f} '
+        f'(z = {gain / se:.1f})')
+  return gain, se
 
 
 @pytest.fixture(scope='module')
@@ -125,12 +160,12 @@ def nft_climb(files, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_grpo_guard_teacher_climbs_an_easy_reward(climb):
+def test_grpo_guard_teacher_climbs_an_easy_reward(files, climb):
   workdir, out = climb
   rows = read_metrics(str(workdir))
   assert [r['step'] for r in rows] == list(range(1, 13))
-  curve, rise, se = _rises(workdir)
-  assert rise > 3 * se, curve
+  gain, se = _brighter_than_base(_config(files, 'grpo_guard', 12, **CLIMB), out['teacher_dir'])
+  assert gain > MIN_Z * se, (gain, se)
   # The tiny PickScore scored the other task on every iteration.
   picks = np.array([r['reward/aesthetics'] for r in rows])
   assert np.all(np.isfinite(picks)) and np.ptp(picks) > 0
@@ -141,16 +176,18 @@ def test_grpo_guard_teacher_climbs_an_easy_reward(climb):
 
 @pytest.mark.slow
 def test_flow_grpo_teacher_climbs_an_easy_reward(files, easy_text_reward, tmp_path):
-  run_rl(_config(files, 'grpo', 12, **FLOW_GRPO_CLIMB), str(tmp_path), mesh=_mesh(n=2))
-  curve, rise, se = _rises(tmp_path)
-  assert rise > 3 * se, curve
+  config = _config(files, 'grpo', FLOW_GRPO_STEPS, **FLOW_GRPO_CLIMB)
+  out = run_rl(config, str(tmp_path), mesh=_mesh(n=2))
+  gain, se = _brighter_than_base(config, out['teacher_dir'])
+  assert gain > MIN_Z * se, (gain, se)
 
 
 @pytest.mark.slow
 def test_nft_teacher_climbs_an_easy_reward(nft_climb):
-  workdir, out, _ = nft_climb
-  curve, rise, se = _rises(workdir)
-  assert len(curve) == NFT_STEPS and rise > 3 * se, curve
+  workdir, out, config = nft_climb
+  assert len(read_metrics(str(workdir))) == NFT_STEPS
+  gain, se = _brighter_than_base(config, out['teacher_dir'])
+  assert gain > MIN_Z * se, (gain, se)
   assert os.path.isdir(out['teacher_dir'])
 
 
