@@ -96,7 +96,8 @@ def _mesh(shape=None, n=1):
 # 64 paired samples). Measured with `SD35_RL_SEED=k pytest tests/test_sd35_rl_e2e.py -s -k
 # climbs` for k = 0..4: z = 9.4-21.8 for GRPO-Guard at lr 0.1 (its clip range opened to 1e-3),
 # 7.8-32.1 for Flow-GRPO at lr 0.05 with 24 iterations (at 12 iterations or lr 0.1 some seeds
-# fell below z = 3 or below zero), 11.1-25.2 for DiffusionNFT at lr 3e-2 with 24 iterations.
+# fell below z = 3 or below zero, by a draft of this check with other sampling keys), 11.1-25.2
+# for DiffusionNFT at lr 3e-2 with 24 iterations.
 # The per-iteration training rewards are not the judge: each iteration draws new noise, and on
 # this tiny random pipeline their swings exceed the climb (a first-vs-last rise cleared 3 SE at
 # seed 0 only).
