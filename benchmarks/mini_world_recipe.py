@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from opd_jax.recipe.report import TIME_FIGURES
+from opd_jax.recipe.report import TIME_FIGURES, fraction_text, gain_text, z_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, 'benchmarks', 'results')
@@ -111,14 +111,6 @@ def markdown(agg: dict, meta: dict) -> str:
   return '\n'.join(out) + '\n'
 
 
-def _interval(r):
-  if r['value'] is None:
-    return '—'
-  if r['low'] is None:
-    return f'{r["value"]:.2f} [unbounded]'
-  return f'{r["value"]:.2f} [{r["low"]:.2f}, {r["high"]:.2f}]'
-
-
 def verdict_markdown(agg: dict, seeds: list[int]) -> list[str]:
   """Per seed: each teacher's own-task gain ± paired SE (z), the OPD student's recovered
   fraction [95 % bootstrap interval], and the Averages of OPD and the baselines [interval]."""
@@ -135,10 +127,9 @@ def verdict_markdown(agg: dict, seeds: list[int]) -> list[str]:
     cells = []
     for t in tasks:
       g = v['teacher_gain'].get(t, {}).get(t)
-      cells.append('—' if g is None else
-                   f'{g["mean"]:+.3f} ± {g["se"]:.3f} '
-                   f'({"—" if g["z"] is None else format(g["z"], "+.1f")})')
-      cells.append(_interval(v['recovered']['opd'][t]) if t in v['recovered'].get('opd', {})
+      cells.append('—' if g is None else f'{gain_text(g)} ({z_text(g)})')
+      cells.append(fraction_text(v['recovered']['opd'][t], short=True)
+                   if t in v['recovered'].get('opd', {})
                    else '—')
     for row in ('opd', 'multitask_rl', 'cascade_rl'):
       iv = v['average_interval'].get(row)

@@ -36,6 +36,7 @@ RESULTS = os.path.join(ROOT, 'benchmarks', 'results')
 
 from configs import opd as recipe_config              # noqa: E402
 from configs.mini import common, grpo, grpo_guard, nft  # noqa: E402
+from opd_jax.recipe.report import gain_text, z_text  # noqa: E402
 
 VARIANTS = {
     'flow_grpo': {t: (grpo.get_config, t) for t in common.TASKS},
@@ -143,9 +144,7 @@ def markdown(per_seed: dict, meta: dict) -> str:
         for s in seeds:
           g = per_seed[s]['gains'][name]
           own.append(g[task]['mean'])
-          z = g[task]['z']
-          cells.append(f'{g[task]["mean"]:+.3f} ± {g[task]["se"]:.3f} '
-                       f'({"—" if z is None else f"{z:+.1f}"})')
+          cells.append(f'{gain_text(g[task])} ({z_text(g[task])})')
           for u in g:
             if u != task:
               others.setdefault(u, []).append(g[u]['mean'])
@@ -156,7 +155,7 @@ def markdown(per_seed: dict, meta: dict) -> str:
                      f' | {other} | {np.mean(secs):.0f} |')
     lines += ['', f'Paired difference {b} − {a} on the teacher\'s own task, per seed (± SE):', '']
     for task in tasks:
-      cells = [f'seed {s} {d["mean"]:+.3f} ± {d["se"]:.3f}'
+      cells = [f'seed {s} {gain_text(d)}'
                for s in seeds for d in [per_seed[s]['differences'][title][task]]]
       lines.append(f'- {task}: ' + ', '.join(cells))
     lines.append('')

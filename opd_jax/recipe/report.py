@@ -32,8 +32,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from opd_jax.mini_world import artifacts
+from opd_jax.eval import paired
 from opd_jax.eval.mini_world import summary
+from opd_jax.mini_world import artifacts
 from opd_jax.recipe.evaluation import evaluator
 
 CURVE_STAGES = ('opd', 'multitask_rl', 'cascade_rl')
@@ -143,7 +144,6 @@ def paired_figures(scores: dict[str, dict], tasks: Sequence[str], bound_rows: Se
       'opd' (every task) and 'opd_single/<task>' (its own task);
     'average_interval': {row: [low, high]}, the 95 % bootstrap interval of its Average.
   """
-  from opd_jax.eval import paired
   if 'base' not in scores:
     return {}
   head = lambda row, t: scores[row][t]['headline']
@@ -164,12 +164,25 @@ def paired_figures(scores: dict[str, dict], tasks: Sequence[str], bound_rows: Se
   return out
 
 
-def _interval(r: dict, digits: int = 2) -> str:
+def gain_text(g: dict) -> str:
+  """A paired gain (`paired.paired_gain`) as '+mean ± SE'."""
+  return f'{g["mean"]:+.3f} ± {g["se"]:.3f}'
+
+
+def z_text(g: dict) -> str:
+  """A paired gain's z = mean / SE, or '—' where the SE is zero."""
+  return '—' if g['z'] is None else f'{g["z"]:+.1f}'
+
+
+def fraction_text(r: dict, short: bool = False) -> str:
+  """A recovered fraction (`paired.recovered_fraction`) with its interval; `short` for wide
+  tables (the reason for a missing or unbounded interval left out)."""
   if r['value'] is None:
-    return '— (no teacher gain)'
+    return '—' if short else '— (no teacher gain)'
   if r['low'] is None:
-    return f'{r["value"]:.{digits}f} [unbounded: the teacher\'s gain is within noise]'
-  return f'{r["value"]:.{digits}f} [{r["low"]:.{digits}f}, {r["high"]:.{digits}f}]'
+    return f'{r["value"]:.2f} [unbounded' + (']' if short else
+                                              ': the teacher\'s gain is within noise]')
+  return f'{r["value"]:.2f} [{r["low"]:.2f}, {r["high"]:.2f}]'
 
 
 def verdict_markdown(table: dict, paired_stats: dict) -> list[str]:
@@ -189,12 +202,11 @@ def verdict_markdown(table: dict, paired_stats: dict) -> list[str]:
     if t not in gains:
       continue
     g = gains[t][t]
-    z = '—' if g['z'] is None else f'{g["z"]:+.1f}'
-    cells = [f'{g["mean"]:+.3f} ± {g["se"]:.3f}', z,
-             _interval(recovered['opd'][t]) if 'opd' in recovered else '—']
+    cells = [gain_text(g), z_text(g),
+             fraction_text(recovered['opd'][t]) if 'opd' in recovered else '—']
     if singles:
       row = recovered.get(f'opd_single/{t}')
-      cells.append(_interval(row[t]) if row else '—')
+      cells.append(fraction_text(row[t]) if row else '—')
     lines.append(f'| {t} | ' + ' | '.join(cells) + ' |')
   rows = list(table['rows']) + list(table.get('extra_rows', {}))
   intervals = paired_stats['average_interval']
