@@ -121,6 +121,7 @@ def _brighter_than_base(config, teacher_dir: str, batches: int = 8) -> tuple[flo
     teacher = jax.tree.map(lambda _, t: jnp.asarray(t), base,
                            load_adapter(teacher_dir).params)
     c, gains = trainer.config, []
+    easy = list(c.data.tasks).index('text')
     key = jax.random.PRNGKey(1234)
     for it in range(batches):
       rb = trainer.prompts.next(active_tasks('joint', len(c.data.tasks), 0, 1))
@@ -130,7 +131,7 @@ def _brighter_than_base(config, teacher_dir: str, batches: int = 8) -> tuple[flo
         bright = [np.asarray(trainer.sample_fn(p, trainer.setup.frozen, cond, key, jnp.int32(it),
                                                jnp.int32(start))[1]).mean(axis=(1, 2, 3))
                   for p in (teacher, base)]
-        gains.extend((bright[0] - bright[1])[rb.task[start:start + chunk] == 0])
+        gains.extend((bright[0] - bright[1])[rb.task[start:start + chunk] == easy])
   finally:
     trainer.scorer.close()
   gains = np.asarray(gains)
@@ -142,12 +143,13 @@ def _brighter_than_base(config, teacher_dir: str, batches: int = 8) -> tuple[flo
 
 @pytest.fixture(scope='module')
 def climb(files, tmp_path_factory):
-  """GRPO-Guard for 12 iterations on 2 devices: (workdir, run_rl's result)."""
+  """GRPO-Guard for 12 iterations on 2 devices: (workdir, run_rl's result, config)."""
   workdir = tmp_path_factory.mktemp('climb')
+  config = _config(files, 'grpo_guard', 12, **CLIMB)
   with pytest.MonkeyPatch.context() as mp:
     mini_testing.brightness_reward(mp, 'ocr')
-    out = run_rl(_config(files, 'grpo_guard', 12, **CLIMB), str(workdir), mesh=_mesh(n=2))
-  return workdir, out
+    out = run_rl(config, str(workdir), mesh=_mesh(n=2))
+  return workdir, out, config
 
 
 @pytest.fixture(scope='module')
@@ -162,11 +164,11 @@ def nft_climb(files, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_grpo_guard_teacher_climbs_an_easy_reward(files, climb):
-  workdir, out = climb
+def test_grpo_guard_teacher_climbs_an_easy_reward(climb):
+  workdir, out, config = climb
   rows = read_metrics(str(workdir))
   assert [r['step'] for r in rows] == list(range(1, 13))
-  gain, se = _brighter_than_base(_config(files, 'grpo_guard', 12, **CLIMB), out['teacher_dir'])
+  gain, se = _brighter_than_base(config, out['teacher_dir'])
   assert gain > MIN_Z * se, (gain, se)
   # The tiny PickScore scored the other task on every iteration.
   picks = np.array([r['reward/aesthetics'] for r in rows])
