@@ -5,7 +5,7 @@ Prompt forms (one template per meaning, so `parse` and `to_prompt` are exact inv
 - composition (GenEval-like), four kinds mirroring GenEval's categories:
   single "a red circle"; counting "three blue squares"; two_object "a red square and a green
   circle"; position "a red square on the left of a blue circle" (also right of / above / below).
-- text (OCR-like): 'the text "AC3"' with 2-4 glyphs from `lexicon.GLYPHS`.
+- text (OCR-like): 'the text "AC4"' with 2-3 glyphs from `lexicon.GLYPHS`.
 - aesthetics (PickScore-like): "a calm sunset gradient" = a {mood} {palette} {pattern}.
 
 Splits hold out *meanings*, not just strings: "A on the left of B" and "B on the right of A" (or

@@ -59,12 +59,15 @@ PRETRAIN_SPLIT = 'pretrain'
 class MiniWorld(tfds.core.GeneratorBasedBuilder):
   """The mini world's prompt sets and (deliberately imperfect) pretraining pairs."""
 
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('2.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.',
-                   '1.1.0': 'Text is a left-aligned line (render.TEXT_ROWS); 3 × 4096 '
-                            'pretraining pairs.'}
+                   '1.1.0': 'Text is a left-aligned line; 3 × 4096 pretraining pairs.',
+                   '2.0.0': 'Mini world v2: six glyphs, strings of 2-3, one text row; 4×4 '
+                            'objects in the cells of the patch grid; config `large`.'}
   BUILDER_CONFIGS = [
       MiniWorldConfig(name='default', description='3 × 4096 pretraining pairs.'),
+      MiniWorldConfig(name='large', pretrain_per_task=32768,
+                      description='3 × 32768 pretraining pairs: what the base is trained on.'),
       MiniWorldConfig(name='small', pretrain_per_task=32,
                       description='3 × 32 pretraining pairs, for tests.'),
   ]
