@@ -23,7 +23,7 @@ import mini_testing
 def test_text_encoder_gives_the_dit_conditioning():
   c = mini_testing.tiny_pretrain_config()
   nets = build_networks(c.model, c.text_encoder, seed=0)
-  tokens, mask = tokenizer.encode(['a red circle', 'the text "AC3"', ''])
+  tokens, mask = tokenizer.encode(['a red circle', 'the text "AC4"', ''])
   cond = encode_tokens(nets.text_graphdef, nnx.to_pure_dict(nets.text_params),
                        jnp.asarray(tokens))
   assert cond['context'].shape == (3, tokenizer.MAX_LEN, c.model.context_dim)

@@ -10,7 +10,9 @@ from opd_jax.mini_world import sprites
 from opd_jax.mini_world import tfds_builder
 from opd_jax.mini_world import tokenizer
 
-EXPECTED_SIZES = {'composition': (384, 64), 'text': (384, 64), 'aesthetics': (224, 64)}
+# Text: every string of the 252 (36 of 2 glyphs, 216 of 3) not held out is a training prompt; a
+# quarter of each length is held out at most (9 + 54 = 63).
+EXPECTED_SIZES = {'composition': (384, 64), 'text': (189, 63), 'aesthetics': (224, 64)}
 
 
 def _equivalents(prompt):
@@ -58,7 +60,7 @@ def test_splits_cover_every_stratum():
   kinds = {grammar.parse(p).kind for p in grammar.prompt_set('composition', 'train')}
   assert kinds == set(grammar.COMPOSITION_KINDS)
   lengths = {len(grammar.parse(p).text) for p in grammar.prompt_set('text', 'test')}
-  assert lengths == {2, 3, 4}
+  assert lengths == {2, 3}
 
 
 def test_parse_examples_and_rejections():
@@ -68,16 +70,16 @@ def test_parse_examples_and_rejections():
       'left')
   assert grammar.parse('three green triangles').objects == (
       grammar.ObjectGroup('green', 'triangle', 3),)
-  assert grammar.parse('the text "AC3"') == grammar.TextSpec('AC3')
+  assert grammar.parse('the text "AC4"') == grammar.TextSpec('AC4')
   assert grammar.parse('a calm sunset gradient') == grammar.AestheticsSpec(
       'calm', 'sunset', 'gradient')
-  for bad in ['', 'a red', 'the text "ac"', 'the text "ACFJL"', 'a red hexagon', 'two red square']:
+  for bad in ['', 'a red', 'the text "ac"', 'the text "ACJL"', 'the text "AT"', 'a red hexagon', 'two red square']:
     with pytest.raises(ValueError):
       grammar.parse(bad)
 
 
 def test_tokenizer_shapes_padding_and_round_trip():
-  prompts = ['', 'the text "AC3"', 'a red square on the left of a blue circle']
+  prompts = ['', 'the text "AC4"', 'a red square on the left of a blue circle']
   tokens, mask = tokenizer.encode(prompts)
   assert tokens.dtype == np.int32 and tokens.shape == (3, tokenizer.MAX_LEN)
   assert mask.dtype == bool and mask.shape == tokens.shape
@@ -118,15 +120,62 @@ def test_render_shapes_randomness_and_determinism(task):
 
 
 def test_render_draws_the_glyphs():
-  image = render.render('the text "TX"', np.random.default_rng(0)).astype(np.float32)
+  for seed in range(3):
+    image = render.render('the text "JX4"', np.random.default_rng(seed)).astype(np.float32)
+    background = np.median(image.reshape(-1, 3), 0)
+    ink = np.linalg.norm(image - background, axis=-1) > 60
+    assert ink.sum() == sum(sprites.FONT[ch].sum() for ch in 'JX4')
+    # A left-aligned line at row TEXT_ROW: glyph k in columns 4k..4k+2 (patch column k).
+    rows = np.flatnonzero(ink.any(1))
+    assert rows[0] == render.TEXT_ROW and rows[-1] - rows[0] == 4
+    for k, ch in enumerate('JX4'):
+      np.testing.assert_array_equal(ink[rows[0]:rows[0] + 5, 4 * k:4 * k + 3], sprites.FONT[ch])
+
+
+def _object_cells(image):
+  """{(cell_y, cell_x): boolean 4×4 mask of the non-background pixels} of a composition image."""
+  image = image.astype(np.float32)
   background = np.median(image.reshape(-1, 3), 0)
-  ink = np.linalg.norm(image - background, axis=-1) > 60
-  assert ink.sum() == sprites.FONT['T'].sum() + sprites.FONT['X'].sum()
-  # A left-aligned line: glyph k in columns 4k..4k+2, its top row within TEXT_ROWS.
-  rows = np.flatnonzero(ink.any(1))
-  assert render.TEXT_ROWS[0] <= rows[0] <= render.TEXT_ROWS[1] and rows[-1] - rows[0] == 4
-  np.testing.assert_array_equal(ink[rows[0]:rows[0] + 5, 0:3], sprites.FONT['T'])
-  np.testing.assert_array_equal(ink[rows[0]:rows[0] + 5, 4:7], sprites.FONT['X'])
+  fg = np.linalg.norm(image - background, axis=-1) > 60
+  c = render.CELL
+  out = {}
+  for y, x in zip(*np.nonzero(fg)):
+    out.setdefault((y // c, x // c), np.zeros((c, c), bool))[y % c, x % c] = True
+  return out
+
+
+@pytest.mark.parametrize('prompt, relation', [
+    ('three red triangles', None), ('a blue circle', None), ('two green squares', None),
+    ('a red square on the left of a blue circle', 'left'),
+    ('a yellow triangle below a purple square', 'below'),
+    ('a red circle and a green triangle', None)])
+def test_render_puts_objects_in_separate_patch_cells(prompt, relation):
+  spec = grammar.parse(prompt)
+  groups = spec.objects
+  for seed in range(20):
+    cells = _object_cells(render.render(prompt, np.random.default_rng(seed)))
+    # Each object fills its own cell with exactly its shape's mask: aligned to the patch grid.
+    assert len(cells) == sum(g.count for g in groups)
+    masks = sorted(int(m.sum()) for m in cells.values())
+    expected = sorted(int(sprites.SHAPE_MASKS[g.shape].sum()) for g in groups
+                      for _ in range(g.count))
+    assert masks == expected
+    for m in cells.values():
+      assert any(np.array_equal(m, sprites.SHAPE_MASKS[s]) for s in lexicon.SHAPES)
+    # No two objects in neighbouring cells (diagonals included).
+    keys = list(cells)
+    for i, a in enumerate(keys):
+      for b in keys[i + 1:]:
+        assert max(abs(a[0] - b[0]), abs(a[1] - b[1])) >= 2
+    if relation is not None:
+      image = render.render(prompt, np.random.default_rng(seed)).astype(np.float32)
+      first = np.asarray(lexicon.COLORS[groups[0].color]) * 255
+      near = lambda key: np.abs(image[key[0] * 4:key[0] * 4 + 4, key[1] * 4:key[1] * 4 + 4]
+                                - first).max(-1).min() < 0.1 * 255
+      (a,) = [k for k in keys if near(k)]
+      (b,) = [k for k in keys if k != a]
+      dy, dx = a[0] - b[0], a[1] - b[1]
+      assert {'left': dx < 0, 'right': dx > 0, 'above': dy < 0, 'below': dy > 0}[relation]
 
 
 def test_render_imperfect_respects_corrupt_prob():
@@ -139,7 +188,7 @@ def test_render_imperfect_respects_corrupt_prob():
 
 def test_garble_changes_the_string():
   rng = np.random.default_rng(0)
-  for text in ['AC', 'TXY3', 'LUF']:
+  for text in ['AC', 'JX4', 'LCA']:
     for edits in (1, 2):
       out = render.garble(text, rng, edits)
       assert out != text and 1 <= len(out) <= lexicon.MAX_TEXT_LEN

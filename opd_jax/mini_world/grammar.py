@@ -15,8 +15,9 @@ text length, aesthetics pattern) and both splits are balanced across strata by w
 with at most MAX_TEST_FRACTION of any stratum held out so small strata (there are only 15 single
 objects) still appear in training.
 
-Default sizes: 64 test prompts per task; 384 train prompts for composition and text, and 224 for
-aesthetics (all 288 - 64 remaining units).
+Default sizes: 64 test prompts for composition and aesthetics, 63 for text (a quarter of the 36
+two-glyph and 216 three-glyph strings); 384 train prompts for composition, and all remaining
+units for text (189) and aesthetics (224 of 288).
 """
 
 from __future__ import annotations
