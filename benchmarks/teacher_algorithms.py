@@ -74,7 +74,7 @@ def run_seed(seed: int, workroot: str) -> dict:
     run_mini_world(c, workdir)
     recipe = Recipe(c, workdir, mini_world_stages(tuple(c.tasks)))
     if ev is None:   # every variant starts from the same (shipped) base
-      data = c.pretrain.data
+      data = c.opd.data   # the prompt sets (recipe.evaluation.evaluator)
       ev = Evaluator(artifacts.load_base(recipe.artifact('pretrain')), c.report.eval,
                      data.data_dir, data.dataset_config)
       base_scores = ev.scores(None, float(c.report.base_cfg_scale))

@@ -44,7 +44,8 @@ def get_config(arg: str | None = 'text') -> ml_collections.ConfigDict:
   c.rollout.shift = 1.0
   c.rollout.kernel = 'flow_grpo'
   c.rollout.noise_level = 0.7
-  c.rollout.cfg_scale = 2.0          # the teacher's own CFG (also its eval / OPD scale)
+  c.rollout.cfg_scale = 3.0          # the base's best CFG (mini_world_cfg.md): the teacher's own
+                                     # (also its eval / OPD scale)
   c.rollout.sde_steps = 6            # SDE on the first 6 transitions, Euler ODE after (0: all)
   c.rollout.logprob_reduction = 'mean'   # over latent elements, as Flow-GRPO
 

@@ -13,7 +13,7 @@ configs/mini/grpo.py's, so the two differ only in the algorithm.
     released code; 'sample' is the paper's per-sample form), β = 0, per-group advantage std,
     advantage clip 5, noise level a = 0.7, 2 optimizer steps (minibatches) per pass;
   - the mini world's (as configs/mini/grpo.py, and why there): lr 1e-3 (upstream 1e-4 for a
-    rank-32 LoRA on SD3.5), CFG 2 (the mini teachers' own scale, upstream 4.5), SDE on the first
+    rank-32 LoRA on SD3.5), CFG 3 (the mini teachers' own scale, upstream 4.5), SDE on the first
     6 of 10 transitions with all 6 trained (upstream 9 of 10: pixel-space last-step noise),
     2 passes over each rollout batch (upstream 1), groups of 8 × 8 (upstream 48 × 24);
   - the clip range ε (measured, CLIP_RANGE below): upstream's 2e-6 (OCR, GenEval) / 4e-6

@@ -17,9 +17,9 @@ import ml_collections
 from configs import sections
 from configs.mini import common
 
-# Each teacher's own CFG: the NFT composition teacher is CFG-free, the Flow-GRPO ones use the
-# base's CFG 2 (the recipe reads them from the saved teachers).
-TEACHER_CFG = {'composition': 1.0, 'text': 2.0, 'aesthetics': 2.0}
+# Each teacher's own CFG: the NFT composition teacher is CFG-free, the GRPO ones use the base's
+# CFG 3 (the recipe reads them from the saved teachers).
+TEACHER_CFG = {'composition': 1.0, 'text': 3.0, 'aesthetics': 3.0}
 
 
 def teachers(source: str, cfg: dict) -> ml_collections.ConfigDict:
@@ -75,7 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rollout.shift = 1.0              # the mini world's schedule (SD3.5: the checkpoint's 3.0)
   c.rollout.kernel = 'ode'           # ode | flow_grpo | cps | dance_grpo
   c.rollout.noise_level = 0.0        # the SDE noise level a
-  c.rollout.cfg_scale = 2.0          # the base's best CFG here (SD3.5: 4.5)
+  c.rollout.cfg_scale = 3.0          # the base's best CFG (mini_world_cfg.md; SD3.5: 4.5)
   c.rollout.logprob_reduction = 'mean'
 
   # The objective (spec §3).

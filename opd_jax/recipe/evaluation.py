@@ -10,7 +10,10 @@ from opd_jax.train.probe import Probe
 
 
 def evaluator(recipe: Recipe, eval_cfg) -> Evaluator:
-  data = recipe.config.pretrain.data
+  """The held-out evaluator on the recipe's base. Prompts come from the student's dataset (the
+  one the RL and OPD stages build), not the base's pretraining data: every dataset config holds
+  the same prompt splits, and the pretraining one is 3 × 32768 pairs a reused base never needs."""
+  data = recipe.config.opd.data
   return Evaluator(artifacts.load_base(recipe.artifact('pretrain')), eval_cfg, data.data_dir,
                    data.dataset_config, mesh=recipe.mesh)
 
