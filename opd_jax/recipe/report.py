@@ -326,7 +326,9 @@ def write_report(recipe, directory: str) -> dict:
     images: dict = {}
     scores[name] = ev.scores(adapter, cfg_scale=cfg, images_out=images)
     evals[name] = summary(scores[name])
-    samples[name] = {t: images[t][0][:c.grid_prompts] for t in recipe.tasks}
+    # The first sample of each of the first grid_prompts prompts (images come prompt-major).
+    per = c.eval.samples_per_prompt
+    samples[name] = {t: images[t][0][::per][:c.grid_prompts] for t in recipe.tasks}
   extra = {}
   for t in recipe.tasks:
     record = recipe.cached(f'opd_single_{t}')
