@@ -41,10 +41,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The shipped base, unless the pretraining settings are changed (then it is trained here).
   c.pretrain.reuse_shipped = not smoke
   # One teacher per task, the paper's algorithm for each (every algorithm runs every task).
-  # Measured against the alternatives (benchmarks/results/teacher_algorithms.md, 3 seeds, paired
-  # over the held-out prompts): GRPO-Guard beats Flow-GRPO on aesthetics in every seed (+0.026,
-  # +0.035, +0.030, each ≥ 4 SE) and ties it on text and composition; upstream's NFT options tie
-  # the mini world's on composition at twice the training time, so NFT keeps its own.
+  # Measured against the alternatives on mini world v1 (benchmarks/results/teacher_algorithms.md,
+  # 3 seeds, paired over the held-out prompts): GRPO-Guard beat Flow-GRPO on aesthetics in every
+  # seed (+0.026, +0.035, +0.030, each ≥ 4 SE) and tied it on text and composition; upstream's NFT
+  # options tied the mini world's on composition at twice the training time. On v2 no composition
+  # teacher improves on the base (teacher_settings_composition.md): NFT stays, as in the paper.
   c.teachers = ml_collections.ConfigDict({
       'composition': nft.get_config('composition' + smoke),
       'text': grpo_guard.get_config('text' + smoke),

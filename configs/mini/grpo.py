@@ -4,12 +4,11 @@
         --config.base.path=runs/opd/pretrain/base
 
 The argument is a task (composition | text | aesthetics), or several joined by '+' for joint
-multi-task RL; append ',smoke' for the test variant. Expected on a 2-core CPU: ~60 s (20
-iterations of 8 prompts × 8 images). Measured (recipe seed 0, eval CFG 2): the aesthetics
-teacher lifts held-out aesthetics 0.57 → 0.75; the text teacher gains only +0.02 text. The
-base writes strings of the right length with the wrong glyphs, and a scalar edit-distance
-reward did not teach glyph identity in this budget (longer runs, other learning rates, larger
-groups, more noise and higher CFG all measured no better).
+multi-task RL; append ',smoke' for the test variant. Expected on a 2-core CPU: ~40 s (20
+iterations of 8 prompts × 8 images). On mini world v1 (recipe seed 0, eval CFG 2) the aesthetics
+teacher lifted held-out aesthetics 0.57 → 0.75 and the text teacher gained only +0.02: that base
+wrote the wrong glyphs and RL could not teach them (v2 changed the world; the recipe's text
+teacher now runs 40 iterations, chosen on the train split: teacher_settings_text.md).
 """
 
 import ml_collections

@@ -13,9 +13,9 @@ field away: `nft.weighting='adaptive_x0'` (x0-space loss, adaptive per-sample we
 `nft.timesteps='sampler_schedule'` with `nft.timesteps_per_sample=9` (9 of the 10 schedule
 timesteps, shuffled per sample), `nft.old_decay_schedule='linear'` (min(0.001·step, 0.5)),
 `nft.scale_by_adv_clip=True` (policy loss ×A_max) and `nft.kl_beta=1e-4`; ',upstream' sets all
-five (`upstream_options`). The mini world keeps the values below: over 3 seeds its composition
-teacher gained +0.078, +0.047, +0.109 strict accuracy and upstream's options +0.109, +0.094,
-+0.062 (paired differences within 1 SE of 0), at twice the training time
+five (`upstream_options`). The mini world keeps the values below: on mini world v1, over 3
+seeds its composition teacher gained +0.078, +0.047, +0.109 strict accuracy and upstream's
+options +0.109, +0.094, +0.062 (paired differences within 1 SE of 0), at twice the training time
 (benchmarks/results/teacher_algorithms.md; the linear decay reaches only 0.08 in this run's 80
 optimizer steps).
 """
