@@ -73,7 +73,8 @@ def test_parse_examples_and_rejections():
   assert grammar.parse('the text "AC4"') == grammar.TextSpec('AC4')
   assert grammar.parse('a calm sunset gradient') == grammar.AestheticsSpec(
       'calm', 'sunset', 'gradient')
-  for bad in ['', 'a red', 'the text "ac"', 'the text "ACJL"', 'the text "AT"', 'a red hexagon', 'two red square']:
+  for bad in ['', 'a red', 'the text "ac"', 'the text "ACJL"', 'the text "AT"', 'a red hexagon',
+              'two red square']:
     with pytest.raises(ValueError):
       grammar.parse(bad)
 

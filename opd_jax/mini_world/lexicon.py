@@ -43,9 +43,10 @@ OPPOSITE_RELATION = {'left': 'right', 'right': 'left', 'above': 'below', 'below'
 # Six glyphs whose 3×5 bitmaps differ pairwise in at least 4 pixels (see sprites.FONT), so
 # template matching stays unambiguous. Upper case and digits only: the word-level vocabulary is
 # lower case, so the glyph token "A" never collides with the article "a".
-# Six glyphs of at most three: measured (mini world v2), a base pretrained on twelve glyphs of up
-# to four got 0.21 of its glyphs right (chance 1/12) and RL teachers could not improve it; on
-# these six it learns the glyphs (0.92) and an RL teacher still has room (text 0.89 -> 0.99).
+# Six glyphs, strings of two or three (mini world v2): the v1 base, pretrained on twelve glyphs
+# in strings of up to four, scored 0.23 text and no RL teacher improved it; the v2 base scores
+# 0.82 on held-out strings and its GRPO-Guard teacher adds +0.06 to +0.07 (README, "Mini world:
+# measured").
 GLYPHS = 'ACJLX4'
 MIN_TEXT_LEN = 2
 MAX_TEXT_LEN = 3

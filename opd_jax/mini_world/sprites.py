@@ -1,4 +1,4 @@
-"""Bitmaps the mini world draws with: a 3×5 glyph font and 5×5 object shapes.
+"""Bitmaps the mini world draws with: a 3×5 glyph font and 4×4 object shapes.
 
 The font covers exactly `lexicon.GLYPHS`; its glyphs differ pairwise in at least 4 of their 15
 pixels (checked at import), which is what lets the OCR reward read blurry generated text by
@@ -6,9 +6,10 @@ nearest-template matching. Text is laid out on a fixed pitch of 4 pixels (3 glyp
 gap), so glyph k sits in column k of the DiT's 4×4-pixel patch grid.
 
 Objects are 4×4, the size of one DiT patch, and are drawn in the cells of that patch grid (see
-render): with 5×5 objects at free positions each object straddled up to four patches and the
-base drew them as fragments (blobs of 6-12 pixels against 17-25 drawn), scoring 0.14 strict on
-held-out prompts against 0.55 for its own training data.
+render). In mini world v1, 5×5 objects at free positions straddled up to four patches and the
+base drew them as fragments (exploratory measurement: blobs of 6-12 pixels against 17-25 drawn).
+The v2 base draws whole objects in cells; what it still gets wrong is which objects, how many
+and where (README, "Mini world: measured").
 
 The three shapes are told apart by two numbers the composition reward measures on each detected
 blob: the fill ratio (area / bounding-box area: square 1.0, circle 0.75, triangle 0.625) and the

@@ -12,14 +12,15 @@ Detection, vectorised over the batch:
 Scoring follows GenEval's rules, with one addition the mini world needs: a prompt describes the
 whole scene. GenEval checks that each named object is present (counting: exactly that many);
 here every named group must also appear exactly as often as the prompt says ("a" = once) and no
-unnamed object may be drawn. Without that, presence checks reward drawing every object: measured
-on the v2 base, a Flow-GRPO composition teacher learnt to draw 6-9 extra objects per image and
-fell from 0.33 to 0.16 strict accuracy while its presence-based reward rose. Position compares
-the centroids of the largest detection of each object and needs a difference of more than
-RELATION_THRESHOLD pixels along the named axis. `composition_reward` (the RL reward) gives
-partial credit: the fraction of the prompt's checks that hold (per group: present, exactly its
-count; something drawn and nothing unnamed; position: the relation). `composition_strict` is the all-or-nothing
-accuracy, the metric to report.
+unnamed object may be drawn. Without that, presence checks reward drawing every object: on the
+v2 base a Flow-GRPO composition teacher fell from 0.33 to 0.16 strict accuracy on train prompts
+(benchmarks/results/teacher_settings_composition_presence_reward.md), most of its images holding
+several extra objects. Position compares the centroids of the largest detection of each object
+and needs a difference of more than RELATION_THRESHOLD pixels along the named axis.
+`composition_reward` (the RL reward) gives partial credit: the fraction of the prompt's checks
+that hold (per group: present, exactly its count; something drawn and nothing unnamed;
+position: the relation). `composition_strict` is the all-or-nothing accuracy, the metric to
+report.
 """
 
 from __future__ import annotations
