@@ -6,7 +6,8 @@ Measured on the 2-core CPU (opd_jax/assets/mini_world_base.json): 830 s for 3000
 on 3 × 32768 pairs, final loss 0.051; at its CFG 3 the base scores composition_strict 0.33 /
 text 0.82 / aesthetics 0.72 on 128 train prompts per task (benchmarks/results/mini_world_cfg.md).
 Its data and length are what the text task needs: on 3 × 4096 pairs for 10000 steps (the first
-shipped base, 294 s) it got 0.21 of its glyphs right and no RL teacher could improve its text.
+shipped base, 294 s) it scored 0.23 text on held-out prompts (about a fifth of its glyphs right,
+an exploratory measurement) and no RL teacher could improve its text.
 The recipe (configs/opd.py) reuses that shipped base; `:ship` remakes it:
 
     python -m opd_jax.main --config=configs/mini/pretrain.py:ship --workdir=runs/mini_base

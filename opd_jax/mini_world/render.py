@@ -145,8 +145,8 @@ def _draw_text(text: str, rng: np.random.Generator) -> np.ndarray:
   at TEXT_ROW. A free horizontal position made the task unlearnable for the base: the DiT must
   bind the k-th glyph token to an image column, and with the line anywhere that binding never
   formed within a CPU-sized pretraining budget (held-out text reward stayed at chance, ~0.08);
-  with the row varying over 4-7 (and twelve glyphs) the base still got only 0.21 of its
-  glyphs right after 10000 steps.
+  with the row varying over 4-7 (and twelve glyphs) the base still got only about a fifth of
+  its glyphs right after 10000 steps (an exploratory measurement).
   The OCR reward itself still reads text at any position.
   """
   background = np.clip(rng.uniform(0.7, 0.95) + rng.uniform(-0.05, 0.05, 3), 0, 1)
