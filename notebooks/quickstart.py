@@ -23,8 +23,9 @@
 # Python API: the shipped base, one RL teacher per task, the OPD student distilled from all
 # three, then the held-out report. Every step is the library's public API.
 #
-# **Hardware:** CPU by default (about 5 minutes for the full settings on 2 cores, seconds per
-# stage in quick mode); JAX uses a GPU or TPU when the runtime has one. No downloads beyond pip.
+# **Hardware:** CPU by default (the full settings train for a few minutes on 2 cores: the main
+# command, which also trains the baselines, took 447 s; quick mode 100-180 s); JAX uses a GPU or
+# TPU when the runtime has one. No downloads beyond pip.
 
 # %% [markdown]
 # ## Install
