@@ -63,7 +63,7 @@ def variant_config(variant: str, seed: int):
 
 def run_seed(seed: int, workroot: str) -> dict:
   """Trains every variant's teachers (cached stages are skipped) and scores them per sample."""
-  from opd_jax.eval.mini_world import Evaluator
+  from opd_jax.recipe.evaluation import evaluator
   from opd_jax.mini_world import artifacts
   from opd_jax.recipe.mini_world import mini_world_stages, run_mini_world
   from opd_jax.recipe.stages import Recipe
@@ -74,9 +74,7 @@ def run_seed(seed: int, workroot: str) -> dict:
     run_mini_world(c, workdir)
     recipe = Recipe(c, workdir, mini_world_stages(tuple(c.tasks)))
     if ev is None:   # every variant starts from the same (shipped) base
-      data = c.opd.data   # the prompt sets (recipe.evaluation.evaluator)
-      ev = Evaluator(artifacts.load_base(recipe.artifact('pretrain')), c.report.eval,
-                     data.data_dir, data.dataset_config)
+      ev = evaluator(recipe, c.report.eval)
       base_scores = ev.scores(None, float(c.report.base_cfg_scale))
     for task in c.tasks:
       record = recipe.result(f'teacher_{task}')

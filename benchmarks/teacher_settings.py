@@ -69,9 +69,9 @@ def candidate_config(task: str, overrides: str, seed: int):
 
 
 def run(task: str, candidates: dict[str, str], seeds, max_prompts: int, workroot: str) -> dict:
-  from opd_jax.eval.mini_world import Evaluator
   from opd_jax.eval.paired import paired_gain
   from opd_jax.mini_world import artifacts
+  from opd_jax.recipe.evaluation import evaluator
   from opd_jax.recipe.mini_world import mini_world_stages, run_mini_world
   from opd_jax.recipe.stages import Recipe
   out, ev, base = {}, None, None
@@ -86,9 +86,7 @@ def run(task: str, candidates: dict[str, str], seeds, max_prompts: int, workroot
         e.tasks = (task,)
         e.split = 'train'
         e.max_prompts = max_prompts
-        data = c.opd.data   # the prompt sets (recipe.evaluation.evaluator)
-        ev = Evaluator(artifacts.load_base(recipe.artifact('pretrain')), e, data.data_dir,
-                       data.dataset_config)
+        ev = evaluator(recipe, e)
         base = ev.scores(None, float(c.report.base_cfg_scale))[task]
       record = recipe.result(f'teacher_{task}')
       adapter = artifacts.load_adapter(record['artifact'])
