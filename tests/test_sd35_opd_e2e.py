@@ -13,12 +13,9 @@ import os
 import jax
 import numpy as np
 import pytest
-import torch
-from peft import LoraConfig, get_peft_model
 
 from configs.opd_sd35m import get_config
 from opd_jax.errors import ConfigError
-from opd_jax.models.peft_io import RECIPE_LORA_TARGETS
 from opd_jax.opd.trainer import prepare, train_opd
 from opd_jax.parallel.mesh import make_mesh
 from opd_jax.sampling.schedule import flow_match_sigmas
@@ -34,20 +31,9 @@ PROMPTS = {'composition': ['a photo of a cat', 'two dogs left of a car', 'a red 
 @pytest.fixture(scope='module')
 def files(tmp_path_factory):
   root = tmp_path_factory.mktemp('sd35')
-  pipe = sd3_testing.save_sd35(root)
-  teachers = []
-  for k, task in enumerate(TASKS):
-    model = get_peft_model(pipe.transformer.__class__.from_pretrained(root / 'sd35' / 'transformer'),
-                           LoraConfig(r=4, lora_alpha=8, init_lora_weights='gaussian',
-                                      target_modules=list(RECIPE_LORA_TARGETS)))
-    g = torch.Generator().manual_seed(10 + k)
-    with torch.no_grad():
-      for name, p in model.named_parameters():
-        if 'lora_B' in name:
-          p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    model.save_pretrained(root / f'teacher_{task}')
-    teachers.append(str(root / f'teacher_{task}'))
-  return {'base': str(root / 'sd35'), 'teachers': tuple(teachers),
+  sd3_testing.save_sd35(root)
+  teachers = sd3_testing.write_teachers(root / 'sd35', root, TASKS)
+  return {'base': str(root / 'sd35'), 'teachers': tuple(teachers[t] for t in TASKS),
           'cache': sd3_testing.encode_prompt_files(root, PROMPTS)}
 
 
