@@ -30,8 +30,9 @@
 
 # %% [markdown]
 # ## Install
-# In a fresh runtime, clone this repository and run the notebook from inside it; the cell below
-# installs the pinned requirements when `opd_jax` is not importable yet (no other downloads).
+# The cell below installs the pinned requirements when `opd_jax` is not importable yet (no other
+# downloads). Opened from a clone it uses that clone; opened alone (Colab from GitHub), it clones
+# the repository from `REPO_URL` first.
 
 # %%
 import importlib.util
@@ -39,9 +40,19 @@ import os
 import subprocess
 import sys
 
+# This repository's git address, for a runtime that opened the notebook alone (Colab from GitHub):
+# the cell then clones it next to the notebook. Inside a clone it is not needed.
+REPO_URL = os.environ.get('OPD_REPO_URL', '')
 ROOT = os.path.abspath('.')
 while not os.path.exists(os.path.join(ROOT, 'opd_jax')) and os.path.dirname(ROOT) != ROOT:
   ROOT = os.path.dirname(ROOT)
+if not os.path.exists(os.path.join(ROOT, 'opd_jax')):
+  ROOT = os.path.abspath('opd_jax_repo')
+  if not os.path.exists(ROOT):
+    if not REPO_URL:
+      raise SystemExit('not inside a clone of opd_jax: set REPO_URL in this cell to the '
+                       "repository's git address, or open the notebook from a clone")
+    subprocess.run(['git', 'clone', '--depth', '1', REPO_URL, ROOT], check=True)
 if importlib.util.find_spec('opd_jax') is None:
   subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '-r',
                   os.path.join(ROOT, 'requirements.txt')], check=True, cwd=ROOT)
