@@ -68,7 +68,8 @@ def candidate_config(task: str, overrides: str, seed: int):
   return c
 
 
-def run(task: str, candidates: dict[str, str], seeds, max_prompts: int, workroot: str) -> dict:
+def run(task: str, candidates: dict[str, str], seeds, max_prompts: int, workroot: str,
+        samples_per_prompt: int = 0) -> dict:
   from opd_jax.eval.paired import paired_gain
   from opd_jax.mini_world import artifacts
   from opd_jax.recipe.evaluation import evaluator
@@ -86,6 +87,8 @@ def run(task: str, candidates: dict[str, str], seeds, max_prompts: int, workroot
         e.tasks = (task,)
         e.split = 'train'
         e.max_prompts = max_prompts
+        if samples_per_prompt:
+          e.samples_per_prompt = samples_per_prompt
         ev = evaluator(recipe, e)
         base = ev.scores(None, float(c.report.base_cfg_scale))[task]
       record = recipe.result(f'teacher_{task}')
@@ -103,7 +106,7 @@ def markdown(task, candidates, results, meta) -> str:
            f'Command: `{meta["command"]}`  ',
            f'Machine: {meta["machine"]}; commit {meta["commit"]}  ',
            f'Prompts: the first {meta["max_prompts"]} of the train split (never the held-out '
-           'test split); 40-step Euler ODE, each model at its own CFG, the same noise for every '
+           f'test split), {meta.get("samples_per_prompt", 4)} samples each; 40-step Euler ODE, each model at its own CFG, the same noise for every '
            'model; gain = paired per-prompt difference over the base ± SE.', '',
            '| candidate | overrides | seed | base | teacher | gain ± SE | z | train s |',
            '|---|---|---|---|---|---|---|---|']
@@ -122,19 +125,24 @@ def main(argv=None) -> None:
                  help='NAME=OVERRIDES, e.g. its40=train.num_steps=40 (empty: the recipe as is)')
   p.add_argument('--seeds', type=int, nargs='+', default=[0])
   p.add_argument('--max_prompts', type=int, default=128)
+  p.add_argument('--samples_per_prompt', type=int, default=0,
+                 help='samples per prompt (0: the report\'s, report.eval.samples_per_prompt)')
   p.add_argument('--workroot', default=os.path.join(ROOT, 'runs', 'teacher_settings'))
   p.add_argument('--out', default=None, help='path prefix (default: results/teacher_settings_TASK)')
   args = p.parse_args(argv)
   candidates = dict(c.split('=', 1) for c in args.candidate)
   for name, overrides in candidates.items():   # fail on a bad field before any training
     candidate_config(args.task, overrides, 0)
-  results = run(args.task, candidates, args.seeds, args.max_prompts, args.workroot)
+  results = run(args.task, candidates, args.seeds, args.max_prompts, args.workroot,
+                args.samples_per_prompt)
   commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
                           text=True, cwd=ROOT).stdout.strip()
   meta = {'command': 'python benchmarks/teacher_settings.py ' + ' '.join(
               a if ' ' not in a else repr(a) for a in (argv or sys.argv[1:])),
           'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores', 'commit': commit,
-          'max_prompts': args.max_prompts}
+          'max_prompts': args.max_prompts,
+          'samples_per_prompt': args.samples_per_prompt or
+          recipe_config.get_config().report.eval.samples_per_prompt}
   prefix = args.out or os.path.join(RESULTS, f'teacher_settings_{args.task}')
   # Each invocation adds its table (and its command) to the task's record: the settings are
   # chosen over several rounds of candidates, and every round stays on file.

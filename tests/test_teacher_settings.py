@@ -46,8 +46,8 @@ def test_bad_overrides_fail_before_any_training():
 def test_rounds_are_appended_to_the_record(tmp_path, monkeypatch):
   calls = []
 
-  def fake_run(task, candidates, seeds, max_prompts, workroot):
-    calls.append((task, dict(candidates), list(seeds), max_prompts))
+  def fake_run(task, candidates, seeds, max_prompts, workroot, samples_per_prompt):
+    calls.append((task, dict(candidates), list(seeds), max_prompts, samples_per_prompt))
     gain = {'mean': 0.05, 'se': 0.01, 'n': 4, 'z': 5.0}
     return {n: {s: {'gain': gain, 'score': 0.9, 'base': 0.85, 'train_seconds': 3.0}
                 for s in seeds} for n in candidates}
@@ -56,8 +56,9 @@ def test_rounds_are_appended_to_the_record(tmp_path, monkeypatch):
   out = str(tmp_path / 'ts')
   teacher_settings.main(['--task', 'text', '--candidate', 'a=', '--out', out])
   teacher_settings.main(['--task', 'text', '--candidate', 'b=train.num_steps=40', '--seeds', '0',
-                         '1', '--out', out, '--max_prompts', '16'])
-  assert calls[1] == ('text', {'b': 'train.num_steps=40'}, [0, 1], 16)
+                         '1', '--out', out, '--max_prompts', '16', '--samples_per_prompt', '2'])
+  assert calls[0][4] == 0     # 0: the report's own number of samples
+  assert calls[1] == ('text', {'b': 'train.num_steps=40'}, [0, 1], 16, 2)
   with open(out + '.json') as f:
     runs = json.load(f)['runs']
   assert [list(r['candidates']) for r in runs] == [['a'], ['b']]
@@ -66,4 +67,4 @@ def test_rounds_are_appended_to_the_record(tmp_path, monkeypatch):
     md = f.read()
   assert md.count('# Teacher settings for `text`, scored on the train split') == 2
   assert '| b | `train.num_steps=40` | 1 | 0.850 | 0.900 | +0.050 ± 0.010 | +5.0 | 3 |' in md
-  assert 'the first 16 of the train split' in md
+  assert 'the first 16 of the train split (never the held-out test split), 2 samples each' in md

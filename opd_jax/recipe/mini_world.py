@@ -93,13 +93,16 @@ def opd_config(recipe: Recipe, tasks: tuple[str, ...] | None = None
   return c
 
 
-def run_opd_stage(recipe: Recipe, directory: str, tasks: tuple[str, ...] | None = None) -> dict:
+def run_opd_stage(recipe: Recipe, directory: str, tasks: tuple[str, ...] | None = None,
+                  with_probe: bool = True) -> dict:
+  """The OPD student from the teachers of `tasks` (default: all); `with_probe` records its
+  reward-vs-wall-clock curve (the report draws it for the all-teacher student only)."""
   from opd_jax.opd.trainer import train_opd
   c = opd_config(recipe, tasks)
   meta = adapter_meta(c.lora.rank, c.lora.alpha, c.rollout.cfg_scale,
                       tasks=list(c.data.tasks), stage='opd',
                       weights='ema' if c.ema.use_ema else 'raw')
-  probe = curve_probe(recipe, meta)
+  probe = curve_probe(recipe, meta) if with_probe else None
   mesh = recipe.mesh or make_mesh(c.mesh.shape.to_dict())
   state, metrics = train_opd(c, directory, mesh=mesh, probe=probe)
   student = artifacts.save_adapter(
@@ -108,13 +111,14 @@ def run_opd_stage(recipe: Recipe, directory: str, tasks: tuple[str, ...] | None 
       {**meta, 'steps': int(state.step)})
   per_task = c.data.batch_size or c.data.batch_size_per_device * batch_axis_size(mesh)
   rounds = int(c.train.num_steps)
-  return {'artifact': student, 'train_seconds': metrics['train_seconds'], 'curve': probe.history,
+  return {'artifact': student, 'train_seconds': metrics['train_seconds'],
+          'curve': probe.history if probe is not None else [],
           'iterations': rounds, 'trajectories': rounds * len(c.data.tasks) * per_task}
 
 
 def run_single_teacher_opd_stage(task: str):
   def run(recipe: Recipe, directory: str) -> dict:
-    return run_opd_stage(recipe, directory, (task,))
+    return run_opd_stage(recipe, directory, (task,), with_probe=False)   # no curve drawn
   return run
 
 
