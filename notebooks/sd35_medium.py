@@ -272,8 +272,8 @@ if ready('OPD'):
 # `opd_jax.sample.generate` runs what diffusers' pipeline runs (the scheduler's shifted schedule,
 # Euler ODE steps, CFG with the empty prompt, the VAE decode) with the JAX models and an optional
 # PEFT adapter; image i comes from key fold_in(seed, i). Evaluation settings: 40 steps, CFG 4.5
-# (each teacher at its own CFG), 512 px. With the released weights, `OPD_SD35_RELEASED=1` also
-# samples the released student.
+# (each teacher at its own CFG), 512 px, bfloat16 weights. With the released weights,
+# `OPD_SD35_RELEASED=1` also samples the released student.
 
 # %%
 if ready('samples'):
@@ -292,7 +292,8 @@ if ready('samples'):
       out = os.path.join(WORKDIR, 'samples', name.replace(' ', '_'), task)
       paths = generate(model_dir, cache_dir, out, adapter=adapter, task=task, split='test',
                        steps=steps, cfg=cfg or c.eval.cfg_scale, seed=SEED,
-                       resolution=resolution, batch_size=SAMPLES_PER_TASK)
+                       resolution=resolution, batch_size=SAMPLES_PER_TASK,
+                       dtype='float32' if TINY else 'bfloat16')
       samples[name, task] = paths
   names = list(models) + ['teacher']
   for task in TASKS:
