@@ -136,7 +136,7 @@ if QUICK:
     e.num_steps = 10
     e.batch_size = 8
   c.report.eval.samples_per_prompt = 1
-  c.report.curve_every = 4
+  c.report.curve_points = 2
   c.report.grid_prompts = 4
 print('teachers:', {t: s.trainer for t, s in c.teachers.items()})
 print('student sampler:', c.opd.rollout.kernel, 'a =', c.opd.rollout.noise_level,

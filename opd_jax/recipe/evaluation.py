@@ -22,11 +22,13 @@ def adapter_meta(lora_rank: int, lora_alpha: float, cfg_scale: float, **more) ->
   return {'lora_rank': lora_rank, 'lora_alpha': lora_alpha, 'cfg_scale': cfg_scale, **more}
 
 
-def curve_probe(recipe: Recipe, meta: dict) -> Probe:
-  """Held-out rewards of the model being trained, for the reward-vs-wall-clock plot."""
+def curve_probe(recipe: Recipe, meta: dict, steps: int) -> Probe:
+  """Held-out rewards of the model being trained, for the reward-vs-wall-clock plot: at step 0,
+  every ⌈steps / report.curve_points⌉ steps and at the last, so every curve has about the same
+  number of points whatever the stage's length (and its probes cost about the same)."""
   c = recipe.config.report
   ev = evaluator(recipe, c.curve_eval)
 
   def fn(params):
     return ev(artifacts.Adapter(params, meta), cfg_scale=float(meta['cfg_scale']))
-  return Probe(c.curve_every, fn)
+  return Probe(max(1, -(-int(steps) // int(c.curve_points))), fn)

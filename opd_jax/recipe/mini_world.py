@@ -46,7 +46,8 @@ def _run_rl_stage(recipe: Recipe, name: str, directory: str, with_probe: bool) -
   c = rl_config(recipe, name)
   probe = None
   if with_probe:
-    probe = curve_probe(recipe, adapter_meta(c.lora.rank, c.lora.alpha, c.rollout.cfg_scale))
+    probe = curve_probe(recipe, adapter_meta(c.lora.rank, c.lora.alpha, c.rollout.cfg_scale),
+                        c.train.num_steps)
   out = run_rl(c, directory, mesh=recipe.mesh, probe=probe)
   prompts = c.data.batch_size or c.data.batch_size_per_device   # resolved in run_rl
   result = {'artifact': out['teacher_dir'], 'train_seconds': out['wall_s'],
@@ -102,7 +103,7 @@ def run_opd_stage(recipe: Recipe, directory: str, tasks: tuple[str, ...] | None 
   meta = adapter_meta(c.lora.rank, c.lora.alpha, c.rollout.cfg_scale,
                       tasks=list(c.data.tasks), stage='opd',
                       weights='ema' if c.ema.use_ema else 'raw')
-  probe = curve_probe(recipe, meta) if with_probe else None
+  probe = curve_probe(recipe, meta, c.train.num_steps) if with_probe else None
   mesh = recipe.mesh or make_mesh(c.mesh.shape.to_dict())
   state, metrics = train_opd(c, directory, mesh=mesh, probe=probe)
   student = artifacts.save_adapter(
@@ -171,7 +172,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     except ConfigError as e:   # name the field from the recipe's root
       raise ConfigError(str(e).replace('config.', f'config.{name}.', 1)) from None
   r = config.report
-  cc.integer(r.curve_every, 'report.curve_every', 1)
+  cc.integer(r.curve_points, 'report.curve_points', 1)
   cc.check(r.base_cfg_scale >= 1, 'report.base_cfg_scale', f'must be >= 1, got {r.base_cfg_scale}')
 
 
