@@ -36,6 +36,13 @@ def test_stage_keys_follow_settings_and_dependencies(tmp_path):
   after = {s: _recipe(c, tmp_path).key(s) for s in mini_world_stages(TASKS)}
   changed = {s for s in before if before[s] != after[s]}
   assert changed == {'teacher_text', 'opd', 'opd_single_text'}
+  # The probe settings shape the curves of the stages that record one (and the report), only.
+  c.report.curve_points += 1
+  probed = {s: _recipe(c, tmp_path).key(s) for s in mini_world_stages(TASKS)}
+  assert {s for s in after if after[s] != probed[s]} == {'opd', 'multitask_rl', 'cascade_rl',
+                                                         'report'}
+  c.report.curve_eval.max_prompts += 1
+  assert _recipe(c, tmp_path).key('opd') != probed['opd']
   c.seed = 1
   reseeded = {s: _recipe(c, tmp_path).key(s) for s in mini_world_stages(TASKS)}
   assert all(reseeded[s] != after[s] for s in reseeded)

@@ -127,15 +127,22 @@ def run_report_stage(recipe: Recipe, directory: str) -> dict:
   return report_lib.write_report(recipe, directory)
 
 
+# The report's probe settings: part of the key of every stage that records a curve.
+CURVE_SETTINGS = ('report.curve_points', 'report.curve_eval')
+
+
 def mini_world_stages(tasks: tuple[str, ...]) -> dict[str, Stage]:
   """Stages in dependency order."""
   stages = {'pretrain': Stage('pretrain', (), run_pretrain_stage)}
   for t in tasks:
     stages[f'teacher_{t}'] = Stage(f'teacher_{t}', ('pretrain',), run_teacher_stage(t))
+  curve = CURVE_SETTINGS   # these stages record a reward-vs-wall-clock curve
   stages['opd'] = Stage('opd', ('pretrain',) + tuple(f'teacher_{t}' for t in tasks),
-                        run_opd_stage)
-  stages['multitask_rl'] = Stage('multitask_rl', ('pretrain',), run_baseline_stage('multitask_rl'))
-  stages['cascade_rl'] = Stage('cascade_rl', ('pretrain',), run_baseline_stage('cascade_rl'))
+                        run_opd_stage, curve)
+  stages['multitask_rl'] = Stage('multitask_rl', ('pretrain',), run_baseline_stage('multitask_rl'),
+                                 curve)
+  stages['cascade_rl'] = Stage('cascade_rl', ('pretrain',), run_baseline_stage('cascade_rl'),
+                               curve)
   for t in tasks:   # not in the default config.stages: add 'opd_single' to run them
     stages[f'opd_single_{t}'] = Stage(f'opd_single_{t}', ('pretrain', f'teacher_{t}'),
                                       run_single_teacher_opd_stage(t))

@@ -46,6 +46,17 @@ class Stage:
   deps: tuple[str, ...]
   run: Callable[['Recipe', str], dict]   # (recipe, stage dir) → result dict (JSON-able); an
                                          # 'artifact' entry is an absolute path in WORKDIR
+  # Dotted config fields outside the stage's section that also shape its result (e.g. the
+  # report's probe settings for a stage that records a curve): part of its key.
+  also_keyed: tuple[str, ...] = ()
+
+
+def _field(config, path: str):
+  """config's dotted field `path`, JSON-able (a section as a dict)."""
+  node = config
+  for part in path.split('.'):
+    node = node[part]
+  return node.to_dict() if hasattr(node, 'to_dict') else node
 
 
 def expand_stages(spec: str | tuple, tasks: tuple[str, ...]) -> list[str]:
@@ -107,9 +118,12 @@ class Recipe:
   def key(self, name: str) -> str:
     if name not in self._keys:
       stage = self.stages[name]
-      self._keys[name] = _hash({'stage': name, 'seed': self.config.seed,
-                                'config': self.stage_config(name).to_dict(),
-                                'deps': [self.key(d) for d in stage.deps]})
+      key = {'stage': name, 'seed': self.config.seed,
+             'config': self.stage_config(name).to_dict(),
+             'deps': [self.key(d) for d in stage.deps]}
+      if stage.also_keyed:
+        key['also'] = {path: _field(self.config, path) for path in stage.also_keyed}
+      self._keys[name] = _hash(key)
     return self._keys[name]
 
   def cached(self, name: str, verbose: bool = False) -> dict | None:
