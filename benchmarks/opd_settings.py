@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +26,7 @@ sys.path.insert(0, ROOT)
 RESULTS = os.path.join(ROOT, 'benchmarks', 'results')
 
 from configs import opd as recipe_config    # noqa: E402
+from teacher_settings import append_round, override_value, round_meta   # noqa: E402
 
 TASKS = ('composition', 'text', 'aesthetics')
 
@@ -42,8 +41,7 @@ def candidate_config(overrides: str, seed: int):
     node = c.opd
     for p in parents:
       node = node[p]
-    like = node[leaf]
-    node[leaf] = type(like)(value) if not isinstance(like, bool) else value == 'True'
+    node[leaf] = override_value(value, node[leaf])
   return c
 
 
@@ -121,23 +119,9 @@ def main(argv=None) -> None:
   for overrides in candidates.values():   # fail on a bad field before any training
     candidate_config(overrides, 0)
   results = run(candidates, args.seeds, args.max_prompts, args.workroot)
-  commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
-                          text=True, cwd=ROOT).stdout.strip()
-  meta = {'command': 'python benchmarks/opd_settings.py ' + ' '.join(
-              a if ' ' not in a else repr(a) for a in (argv or sys.argv[1:])),
-          'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores', 'commit': commit,
-          'max_prompts': args.max_prompts}
-  runs = []
-  if os.path.exists(args.out + '.json'):
-    with open(args.out + '.json') as f:
-      runs = json.load(f)['runs']
-  runs.append({'meta': meta, 'candidates': candidates,
-               'results': {n: {str(s): r for s, r in v.items()} for n, v in results.items()}})
+  meta = round_meta('opd_settings.py', argv, max_prompts=args.max_prompts)
   text = markdown(candidates, results, meta)
-  with open(args.out + '.md', 'a' if len(runs) > 1 else 'w') as f:
-    f.write(('\n' if len(runs) > 1 else '') + text)
-  with open(args.out + '.json', 'w') as f:
-    json.dump({'runs': runs}, f, indent=1, default=float)
+  append_round(args.out, meta, candidates, results, text)
   print(text)
 
 

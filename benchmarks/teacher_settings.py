@@ -34,7 +34,7 @@ from opd_jax.recipe.report import gain_text, z_text  # noqa: E402
 ALGORITHMS = {'nft': nft.get_config, 'grpo_guard': grpo_guard.get_config, 'grpo': grpo.get_config}
 
 
-def _value(text: str, like):
+def override_value(text: str, like):
   """`text` parsed as the type of the field it replaces."""
   if isinstance(like, bool):
     if text not in ('True', 'False'):
@@ -61,7 +61,7 @@ def candidate_config(task: str, overrides: str, seed: int):
     node = teacher
     for p in parents:
       node = node[p]
-    node[leaf] = _value(value, node[leaf])
+    node[leaf] = override_value(value, node[leaf])
   for other in [t for t in c.teachers if t != task]:
     del c.teachers[other]
   c.teachers[task] = teacher
@@ -118,6 +118,31 @@ def markdown(task, candidates, results, meta) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def round_meta(script: str, argv, **more) -> dict:
+  """A round's command (benchmarks/<script> and its arguments), machine and commit."""
+  commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
+                          text=True, cwd=ROOT).stdout.strip()
+  return {'command': f'python benchmarks/{script} ' + ' '.join(
+              a if ' ' not in a else repr(a) for a in (argv or sys.argv[1:])),
+          'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores', 'commit': commit,
+          **more}
+
+
+def append_round(prefix: str, meta: dict, candidates: dict, results: dict, text: str) -> None:
+  """Adds one round (its table `text`, command and results) to prefix.{md,json}: settings are
+  chosen over several rounds of candidates, and every round stays on file."""
+  runs = []
+  if os.path.exists(prefix + '.json'):
+    with open(prefix + '.json') as f:
+      runs = json.load(f)['runs']
+  runs.append({'meta': meta, 'candidates': candidates,
+               'results': {n: {str(s): r for s, r in v.items()} for n, v in results.items()}})
+  with open(prefix + '.md', 'a' if len(runs) > 1 else 'w') as f:
+    f.write(('\n' if len(runs) > 1 else '') + text)
+  with open(prefix + '.json', 'w') as f:
+    json.dump({'runs': runs}, f, indent=1, default=float)
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--task', required=True, choices=recipe_config.get_config().tasks)
@@ -135,28 +160,12 @@ def main(argv=None) -> None:
     candidate_config(args.task, overrides, 0)
   results = run(args.task, candidates, args.seeds, args.max_prompts, args.workroot,
                 args.samples_per_prompt)
-  commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
-                          text=True, cwd=ROOT).stdout.strip()
-  meta = {'command': 'python benchmarks/teacher_settings.py ' + ' '.join(
-              a if ' ' not in a else repr(a) for a in (argv or sys.argv[1:])),
-          'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores', 'commit': commit,
-          'max_prompts': args.max_prompts,
-          'samples_per_prompt': args.samples_per_prompt or
-          recipe_config.get_config().report.eval.samples_per_prompt}
-  prefix = args.out or os.path.join(RESULTS, f'teacher_settings_{args.task}')
-  # Each invocation adds its table (and its command) to the task's record: the settings are
-  # chosen over several rounds of candidates, and every round stays on file.
-  runs = []
-  if os.path.exists(prefix + '.json'):
-    with open(prefix + '.json') as f:
-      runs = json.load(f)['runs']
-  runs.append({'meta': meta, 'candidates': candidates,
-               'results': {n: {str(s): r for s, r in v.items()} for n, v in results.items()}})
+  meta = round_meta('teacher_settings.py', argv, max_prompts=args.max_prompts,
+                    samples_per_prompt=args.samples_per_prompt or
+                    recipe_config.get_config().report.eval.samples_per_prompt)
   text = markdown(args.task, candidates, results, meta)
-  with open(prefix + '.md', 'a' if len(runs) > 1 else 'w') as f:
-    f.write(('\n' if len(runs) > 1 else '') + text)
-  with open(prefix + '.json', 'w') as f:
-    json.dump({'runs': runs}, f, indent=1, default=float)
+  append_round(args.out or os.path.join(RESULTS, f'teacher_settings_{args.task}'), meta,
+               candidates, results, text)
   print(text)
 
 
