@@ -138,6 +138,7 @@ from PIL import Image
 
 from configs import opd_sd35m
 from opd_jax.models.loading.hub import PIPELINE_FILES, resolve_pretrained
+from opd_jax.models.loading.pretrained import vae_config
 from opd_jax.opd.trainer import train_opd
 from opd_jax.parallel.mesh import make_mesh
 from opd_jax.sample import generate
@@ -277,8 +278,7 @@ if ready('OPD'):
 
 # %%
 if ready('samples'):
-  vae_factor = 2 ** (len(json.load(open(os.path.join(model_dir, 'vae', 'config.json')))
-                         ['block_out_channels']) - 1)
+  vae_factor = 2 ** (len(vae_config(model_dir).block_out_channels) - 1)   # as sample.generate
   resolution = c.model.latent_size * vae_factor if TINY else 512
   steps = 4 if TINY else 40
   models = {'base': (None, None), 'student': (os.path.join(run_dir, 'student_peft'), None)}
