@@ -48,6 +48,13 @@ def test_stage_keys_follow_settings_and_dependencies(tmp_path):
   assert all(reseeded[s] != after[s] for s in reseeded)
 
 
+def test_curves_get_about_curve_points_probes_whatever_the_stage_length():
+  from opd_jax.recipe.evaluation import probe_every
+  assert [probe_every(n, 12) for n in (180, 20, 12, 5, 1)] == [15, 2, 1, 1, 1]
+  assert probe_every(181, 12) == 16            # never more than 12 probes after step 0
+  assert probe_every(3, 100) == 1              # the smoke recipe: every step
+
+
 def test_missing_dependency_is_a_config_error(tmp_path):
   c = get_config('smoke')
   with pytest.raises(ConfigError, match="stage 'opd' needs 'pretrain'"):

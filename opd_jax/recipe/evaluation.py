@@ -22,6 +22,11 @@ def adapter_meta(lora_rank: int, lora_alpha: float, cfg_scale: float, **more) ->
   return {'lora_rank': lora_rank, 'lora_alpha': lora_alpha, 'cfg_scale': cfg_scale, **more}
 
 
+def probe_every(steps: int, points: int) -> int:
+  """The probe period that gives a curve of `steps` about `points` points: ⌈steps / points⌉."""
+  return max(1, -(-int(steps) // int(points)))
+
+
 def curve_probe(recipe: Recipe, meta: dict, steps: int) -> Probe:
   """Held-out rewards of the model being trained, for the reward-vs-wall-clock plot: at step 0,
   every ⌈steps / report.curve_points⌉ steps and at the last, so every curve has about the same
@@ -31,4 +36,4 @@ def curve_probe(recipe: Recipe, meta: dict, steps: int) -> Probe:
 
   def fn(params):
     return ev(artifacts.Adapter(params, meta), cfg_scale=float(meta['cfg_scale']))
-  return Probe(max(1, -(-int(steps) // int(c.curve_points))), fn)
+  return Probe(probe_every(steps, c.curve_points), fn)
