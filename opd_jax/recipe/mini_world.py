@@ -127,8 +127,9 @@ def run_report_stage(recipe: Recipe, directory: str) -> dict:
   return report_lib.write_report(recipe, directory)
 
 
-# The report's probe settings: part of the key of every stage that records a curve.
-CURVE_SETTINGS = ('report.curve_points', 'report.curve_eval')
+def _curve_keyed(name: str) -> tuple[str, ...]:
+  """The report's probe settings for a stage that records a curve (report_lib.CURVE_STAGES)."""
+  return report_lib.CURVE_SETTINGS if name in report_lib.CURVE_STAGES else ()
 
 
 def mini_world_stages(tasks: tuple[str, ...]) -> dict[str, Stage]:
@@ -136,13 +137,10 @@ def mini_world_stages(tasks: tuple[str, ...]) -> dict[str, Stage]:
   stages = {'pretrain': Stage('pretrain', (), run_pretrain_stage)}
   for t in tasks:
     stages[f'teacher_{t}'] = Stage(f'teacher_{t}', ('pretrain',), run_teacher_stage(t))
-  curve = CURVE_SETTINGS   # these stages record a reward-vs-wall-clock curve
   stages['opd'] = Stage('opd', ('pretrain',) + tuple(f'teacher_{t}' for t in tasks),
-                        run_opd_stage, curve)
-  stages['multitask_rl'] = Stage('multitask_rl', ('pretrain',), run_baseline_stage('multitask_rl'),
-                                 curve)
-  stages['cascade_rl'] = Stage('cascade_rl', ('pretrain',), run_baseline_stage('cascade_rl'),
-                               curve)
+                        run_opd_stage, _curve_keyed('opd'))
+  for name in ('multitask_rl', 'cascade_rl'):
+    stages[name] = Stage(name, ('pretrain',), run_baseline_stage(name), _curve_keyed(name))
   for t in tasks:   # not in the default config.stages: add 'opd_single' to run them
     stages[f'opd_single_{t}'] = Stage(f'opd_single_{t}', ('pretrain', f'teacher_{t}'),
                                       run_single_teacher_opd_stage(t))

@@ -37,7 +37,10 @@ from opd_jax.eval.mini_world import summary
 from opd_jax.mini_world import artifacts
 from opd_jax.recipe.evaluation import evaluator
 
+# The stages that record a reward-vs-wall-clock curve, and the probe settings that shape it
+# (part of those stages' keys: opd_jax.recipe.mini_world).
 CURVE_STAGES = ('opd', 'multitask_rl', 'cascade_rl')
+CURVE_SETTINGS = ('report.curve_points', 'report.curve_eval')
 # The times read off the curves: figures key → what is reached.
 TIME_FIGURES = {'seconds_to_90pct_of_final_average': '90 % of the final Average',
                 'seconds_to_90pct_of_gain': '90 % of the gain over the first probe'}
