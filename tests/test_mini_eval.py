@@ -39,6 +39,19 @@ def test_evaluator_reports_every_task_deterministically():
   assert not np.allclose(images[0], images[1])   # two samples of one prompt differ
 
 
+def test_a_task_can_have_its_own_number_of_samples():
+  ev = _evaluator(samples_per_prompt=2)
+  ev.cfg.task_samples_per_prompt.text = 3
+  assert [ev.samples_per_prompt(t) for t in common.TASKS] == [2, 3, 2]
+  per_sample = ev.scores(None, 2.0)
+  np.testing.assert_array_equal(per_sample['text']['prompt'], np.repeat([0, 1, 2], 3))
+  np.testing.assert_array_equal(per_sample['aesthetics']['prompt'], np.repeat([0, 1, 2], 2))
+  # The first two of a prompt's three samples are the ones a 2-sample evaluation draws.
+  two = _evaluator(samples_per_prompt=2)
+  np.testing.assert_allclose(ev.generate('text', None, 2.0)[0][:2],
+                             two.generate('text', None, 2.0)[0][:2], atol=1e-6)
+
+
 def test_zero_adapter_reproduces_the_base_and_cfg_changes_samples():
   ev = _evaluator()
   m = ev.base.model_config

@@ -69,6 +69,8 @@ def test_missing_dependency_is_a_config_error(tmp_path):
     ('opd.teachers.tasks.text.cfg_scale', -1.0),
     ('pretrain.optimizer.lr', 0.0),
     ('report.curve_points', 0),
+    ('report.eval.samples_per_prompt', 0),
+    ('report.eval.task_samples_per_prompt.text', -1),
 ])
 def test_every_stage_is_validated_before_the_first_runs(tmp_path, field, value):
   """A bad field of a late stage stops the recipe at once, named from the recipe's root."""

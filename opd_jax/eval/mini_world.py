@@ -72,7 +72,7 @@ class Evaluator:
     Args:
       base: the pretrained base (DiT + text encoder + meta).
       eval_cfg: the `eval` config section (tasks, split, num_steps, shift, samples_per_prompt,
-        max_prompts, batch_size, seed).
+        optionally task_samples_per_prompt, max_prompts, batch_size, seed).
       data_dir, dataset_config: the mini_world TFDS dataset.
       mesh: device mesh (default: all devices on the data axis).
     """
@@ -93,6 +93,13 @@ class Evaluator:
     m = base.model_config
     self.latent_shape = (m.latent_size, m.latent_size, m.latent_channels)
     self._samplers: dict[tuple, _Sampler] = {}
+
+  def samples_per_prompt(self, task: str) -> int:
+    """Samples per held-out prompt of `task`: eval.task_samples_per_prompt.<task> if set (> 0),
+    else eval.samples_per_prompt."""
+    per_task = self.cfg.get('task_samples_per_prompt', None)
+    n = int(per_task.get(task, 0)) if per_task is not None else 0
+    return n or int(self.cfg.samples_per_prompt)
 
   def _sampler(self, lora_rank: int, lora_alpha: float) -> _Sampler:
     key = (lora_rank, float(lora_alpha))
@@ -123,7 +130,7 @@ class Evaluator:
     s = self._sampler(rank, alpha)
     params = adapter.params if adapter is not None else s.zero_adapter
     ps = self.prompt_sets[task]
-    reps = self.cfg.samples_per_prompt
+    reps = self.samples_per_prompt(task)
     idx = np.repeat(np.arange(len(ps)), reps)
     sample_id = np.tile(np.arange(reps), len(ps))
     prompts, cond = ps.take(idx)
@@ -164,7 +171,7 @@ class Evaluator:
       dense = np.asarray(get_reward(task)(images, prompts), np.float64)
       headline = (np.asarray(composition_strict(images, prompts), np.float64)
                   if task == 'composition' else dense)
-      prompt = np.repeat(np.arange(len(self.prompt_sets[task])), self.cfg.samples_per_prompt)
+      prompt = np.repeat(np.arange(len(self.prompt_sets[task])), self.samples_per_prompt(task))
       out[task] = {'headline': headline, 'dense': dense, 'prompt': prompt}
     return out
 

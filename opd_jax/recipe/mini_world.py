@@ -178,6 +178,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(str(e).replace('config.', f'config.{name}.', 1)) from None
   r = config.report
   cc.integer(r.curve_points, 'report.curve_points', 1)
+  cc.integer(r.eval.samples_per_prompt, 'report.eval.samples_per_prompt', 1)
+  per_task = r.eval.get('task_samples_per_prompt', None)
+  if per_task is not None:
+    unknown = sorted(set(per_task.keys()) - set(tasks))
+    cc.check(not unknown, 'report.eval.task_samples_per_prompt', f'unknown task(s) {unknown}')
+    for t in per_task.keys():
+      cc.integer(per_task[t], f'report.eval.task_samples_per_prompt.{t}', 0)
   cc.check(r.base_cfg_scale >= 1, 'report.base_cfg_scale', f'must be >= 1, got {r.base_cfg_scale}')
 
 

@@ -330,8 +330,8 @@ def write_report(recipe, directory: str) -> dict:
     scores[name] = ev.scores(adapter, cfg_scale=cfg, images_out=images)
     evals[name] = summary(scores[name])
     # The first sample of each of the first grid_prompts prompts (images come prompt-major).
-    per = c.eval.samples_per_prompt
-    samples[name] = {t: images[t][0][::per][:c.grid_prompts] for t in recipe.tasks}
+    samples[name] = {t: images[t][0][::ev.samples_per_prompt(t)][:c.grid_prompts]
+                     for t in recipe.tasks}
   extra = {}
   for t in recipe.tasks:
     record = recipe.cached(f'opd_single_{t}')
