@@ -77,6 +77,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # main command's 10-minute budget holds, so only text — the task whose teacher gain is
   # nearest its noise — gets eight (~2.4 s more per model evaluated on this 2-core CPU).
   c.report.eval.samples_per_prompt = 4
+  # Per task, overriding samples_per_prompt (0: samples_per_prompt). Only the report's eval
+  # section has it: a field in every stage's `eval` would change every stage's key.
+  c.report.eval.task_samples_per_prompt = ml_collections.ConfigDict(
+      {t: 0 for t in common.TASKS})
   c.report.eval.task_samples_per_prompt.text = 8
   c.report.curve_eval = common.evaluation() # probes during training (cheaper, same noise)
   c.report.curve_eval.max_prompts = 64

@@ -1,6 +1,7 @@
 """Held-out evaluation of mini-world models (base alone and base + LoRA adapter)."""
 
 import jax
+import ml_collections
 import numpy as np
 
 from configs.mini import common
@@ -40,8 +41,8 @@ def test_evaluator_reports_every_task_deterministically():
 
 
 def test_a_task_can_have_its_own_number_of_samples():
-  ev = _evaluator(samples_per_prompt=2)
-  ev.cfg.task_samples_per_prompt.text = 3
+  ev = _evaluator(samples_per_prompt=2,
+                  task_samples_per_prompt=ml_collections.ConfigDict({'text': 3}))
   assert [ev.samples_per_prompt(t) for t in common.TASKS] == [2, 3, 2]
   per_sample = ev.scores(None, 2.0)
   np.testing.assert_array_equal(per_sample['text']['prompt'], np.repeat([0, 1, 2], 3))

@@ -69,8 +69,6 @@ def evaluation() -> ml_collections.ConfigDict:
   e.num_steps = 40
   e.shift = 1.0                   # sampler schedule shift
   e.samples_per_prompt = 1
-  # Per task, samples per prompt overriding samples_per_prompt (0: samples_per_prompt).
-  e.task_samples_per_prompt = ml_collections.ConfigDict({t: 0 for t in TASKS})
   e.max_prompts = 0               # 0: every prompt of the split
   e.batch_size = 64               # images per sampler call (one compile for every task)
   e.seed = 1234                   # same initial noise for every model (paired comparison)
