@@ -211,6 +211,8 @@ def test_recipe_runs_end_to_end_then_caches_and_resumes(tmp_path):
                'samples_aesthetics.png', 'report.md'):
     assert os.path.getsize(tmp_path / name) > 0
   assert [p['step'] for p in rep['curves']['opd']] == [0, 1, 2, 3]
+  assert ('samples per prompt: composition 2, text 3, aesthetics 2'
+          in (tmp_path / 'report.md').read_text())
   assert os.path.exists(tmp_path / 'opd' / 'metrics.jsonl')
 
   # A second run covers four promises (which stage a changed setting re-runs is checked on the

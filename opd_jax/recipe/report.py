@@ -352,7 +352,9 @@ def write_report(recipe, directory: str) -> dict:
             if recipe.cached(s) is not None}
   figures = derived_figures(table, curves)
   figures['paired'] = paired_figures(scores, recipe.tasks, list(table['rows']))
-  meta = {'eval': f'{c.eval.split} split, {c.eval.num_steps}-step Euler ODE, each model at its '
+  per_prompt = ', '.join(f'{t} {ev.samples_per_prompt(t)}' for t in recipe.tasks)
+  meta = {'eval': f'{c.eval.split} split, samples per prompt: {per_prompt}, '
+                  f'{c.eval.num_steps}-step Euler ODE, each model at its '
                   'own CFG, EMA weights',
           'seed': int(recipe.config.seed), 'machine': _machine(),
           'cfg_scales': {n: m[1] for n, m in models.items()},
