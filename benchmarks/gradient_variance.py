@@ -317,7 +317,6 @@ def training_study(workdir: str, rounds: int, out_dir: str, probe_every: int) ->
   from opd_jax.opd.trainer import train_opd
   recipe = Recipe(recipe_config(), workdir, mini_world_stages(('composition', 'text',
                                                                'aesthetics')))
-  recipe.config.report.curve_points = max(1, rounds // probe_every)   # a probe every probe_every
   runs = {}
   for label, (name, kernel, level) in TRAINING_RUNS.items():
     c = opd_config(recipe)
@@ -330,7 +329,7 @@ def training_study(workdir: str, rounds: int, out_dir: str, probe_every: int) ->
     c.train.checkpoint_every = rounds
     meta = {'lora_rank': c.lora.rank, 'lora_alpha': c.lora.alpha,
             'cfg_scale': c.rollout.cfg_scale}
-    probe = curve_probe(recipe, meta, rounds)
+    probe = curve_probe(recipe, meta, rounds, every=probe_every)
     run_dir = os.path.join(out_dir, label.replace(' ', '_').replace('=', ''))
     train_opd(c, run_dir, probe=probe)
     metrics = [json.loads(l) for l in open(os.path.join(run_dir, 'metrics.jsonl'))]

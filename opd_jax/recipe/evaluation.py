@@ -27,13 +27,14 @@ def probe_every(steps: int, points: int) -> int:
   return max(1, -(-int(steps) // int(points)))
 
 
-def curve_probe(recipe: Recipe, meta: dict, steps: int) -> Probe:
+def curve_probe(recipe: Recipe, meta: dict, steps: int, every: int | None = None) -> Probe:
   """Held-out rewards of the model being trained, for the reward-vs-wall-clock plot: at step 0,
   every ⌈steps / report.curve_points⌉ steps and at the last, so every curve has about the same
-  number of points whatever the stage's length (and its probes cost about the same)."""
+  number of points whatever the stage's length (and its probes cost about the same). `every`
+  fixes the period instead (a benchmark that compares runs probe for probe)."""
   c = recipe.config.report
   ev = evaluator(recipe, c.curve_eval)
 
   def fn(params):
     return ev(artifacts.Adapter(params, meta), cfg_scale=float(meta['cfg_scale']))
-  return Probe(probe_every(steps, c.curve_points), fn)
+  return Probe(every or probe_every(steps, c.curve_points), fn)
