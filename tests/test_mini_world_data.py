@@ -12,7 +12,7 @@ from opd_jax.mini_world import tokenizer
 
 # Text: every string of the 252 (36 of 2 glyphs, 216 of 3) not held out is a training prompt; a
 # quarter of each length is held out at most (9 + 54 = 63).
-EXPECTED_SIZES = {'composition': (384, 64), 'text': (189, 63), 'aesthetics': (224, 64)}
+EXPECTED_SIZES = {'composition': (314, 256), 'text': (189, 63), 'aesthetics': (224, 64)}
 
 
 def _equivalents(prompt):
@@ -85,12 +85,26 @@ def test_tokenizer_shapes_padding_and_round_trip():
   assert tokens.dtype == np.int32 and tokens.shape == (3, tokenizer.MAX_LEN)
   assert mask.dtype == bool and mask.shape == tokens.shape
   np.testing.assert_array_equal(mask, tokens != tokenizer.PAD_ID)
-  np.testing.assert_array_equal(mask.sum(1), [2, 9, 12])
+  # "on the left of" is one token: BOS a red square left a blue circle EOS.
+  np.testing.assert_array_equal(mask.sum(1), [2, 9, 9])
   assert list(tokens[0, :2]) == [tokenizer.BOS_ID, tokenizer.EOS_ID]
   assert (tokens[:, 0] == tokenizer.BOS_ID).all()
   assert tokenizer.decode(tokens) == prompts
   short, _ = tokenizer.encode(prompts[1:2], max_len=9)
   assert short.shape == (1, 9)
+
+
+def test_tokenizer_relation_phrases_are_one_token():
+  # Every relation puts the second object's words at the same positions (mini world v3).
+  objects = ('a red square', 'a blue circle')
+  rows = [tokenizer.tokenize(f'{objects[0]} {phrase} {objects[1]}')
+          for phrase in lexicon.RELATIONS.values()]
+  assert [r[3] for r in rows] == list(lexicon.RELATIONS)
+  assert {len(r) for r in rows} == {7}
+  assert tokenizer.tokenize('on the left of') == ['left']
+  # Only the whole phrase is merged: its words elsewhere stay words.
+  assert tokenizer.tokenize('the text "AC"') == ['the', 'text', '"', 'A', 'C', '"']
+  assert tokenizer.tokenize('on the lefty of') == ['on', 'the', 'lefty', 'of']
 
 
 def test_tokenizer_covers_every_prompt():
@@ -107,6 +121,7 @@ def test_tokenizer_unknown_and_too_long():
   assert tokens[0, 2] == tokenizer.UNK_ID
   with pytest.raises(ValueError):
     tokenizer.encode(['a red square on the left of a blue circle'], max_len=8)
+  tokenizer.encode(['a red square on the left of a blue circle'], max_len=9)
 
 
 @pytest.mark.parametrize('task', lexicon.TASKS)
@@ -153,8 +168,12 @@ def _object_cells(image):
 def test_render_puts_objects_in_separate_patch_cells(prompt, relation):
   spec = grammar.parse(prompt)
   groups = spec.objects
+  num = sum(g.count for g in groups)
+  layout = render.RELATION_SLOTS[relation] if relation else render.SLOTS[num]
   for seed in range(20):
     cells = _object_cells(render.render(prompt, np.random.default_rng(seed)))
+    # The layout is fixed (mini world v3): the same cells for every sample of the prompt.
+    assert set(cells) == set(layout)
     # Each object fills its own cell with exactly its shape's mask: aligned to the patch grid.
     assert len(cells) == sum(g.count for g in groups)
     masks = sorted(int(m.sum()) for m in cells.values())
@@ -174,9 +193,25 @@ def test_render_puts_objects_in_separate_patch_cells(prompt, relation):
       near = lambda key: np.abs(image[key[0] * 4:key[0] * 4 + 4, key[1] * 4:key[1] * 4 + 4]
                                 - first).max(-1).min() < 0.1 * 255
       (a,) = [k for k in keys if near(k)]
+      assert a == layout[0]
       (b,) = [k for k in keys if k != a]
       dy, dx = a[0] - b[0], a[1] - b[1]
       assert {'left': dx < 0, 'right': dx > 0, 'above': dy < 0, 'below': dy > 0}[relation]
+
+
+def test_layouts_fit_the_grid_and_never_touch():
+  n = render.IMAGE_SIZE // render.CELL
+  layouts = {**{f'count {k}': v for k, v in render.SLOTS.items()}, **render.RELATION_SLOTS}
+  for name, cells in layouts.items():
+    assert all(0 <= y < n and 0 <= x < n for y, x in cells), name
+    for i, a in enumerate(cells):
+      for b in cells[i + 1:]:
+        assert max(abs(a[0] - b[0]), abs(a[1] - b[1])) >= 2, name
+  for rel, (a, b) in render.RELATION_SLOTS.items():
+    (other_a, other_b) = render.RELATION_SLOTS[lexicon.OPPOSITE_RELATION[rel]]
+    assert (a, b) == (other_b, other_a)   # "A left of B" is "B right of A"
+  with pytest.raises(ValueError, match='no layout'):
+    render._place(1, 'left')
 
 
 def test_render_imperfect_respects_corrupt_prob():

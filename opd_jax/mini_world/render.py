@@ -5,8 +5,8 @@ text (3 glyphs of 3×5 on a 4-pixel pitch) is 11 pixels wide, and up to four 4×
 non-touching cells of the 4×4 grid; 32 pixels would quadruple the diffusion model's cost on a
 CPU for no gain in what the tasks can express.
 
-`render` draws a correct image; nuisance factors (background tint and brightness, object
-cells, colour jitter, palette jitter, gradient centre and gamma)
+`render` draws a correct image; nuisance factors (background tint and brightness, colour
+jitter, palette jitter, gradient centre and gamma)
 are randomised so a prompt denotes a distribution of images, not one image.
 
 `render_imperfect` is how the base model is made deliberately imperfect (the way SD3.5-M scores
@@ -37,7 +37,6 @@ CORRUPT_PROB = 0.5
 CELL = 4
 # The top row of the text line.
 TEXT_ROW = 4
-_MAX_PLACEMENT_TRIES = 200
 
 SpecOrPrompt = Union[grammar.Spec, str]
 
@@ -54,45 +53,51 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 # --- composition -----------------------------------------------------------------------------
-def _place(num: int, rng: np.random.Generator,
-           relation: tuple[int, int, str] | None) -> np.ndarray:
-  """Samples top-left corners [num, 2] (y, x) of objects in distinct, non-touching grid cells.
+# Where objects go, in cells (row, column) of the CELL × CELL grid: one fixed layout per object
+# count, and one per relation for position prompts (object 0 is `rel` of object 1). No two
+# cells of a layout touch (diagonals included), so each object is its own connected component
+# even on a blurry sample, and a relation's two cells are a cell apart (CELL pixels > the
+# reward's 2-pixel threshold).
+# Mini world v3 fixed the layout: with objects in random non-touching cells the base's 16
+# patch tokens did not coordinate where objects go (on the v2 base at CFG 3, 36 % of
+# composition samples held objects in neighbouring cells and 40 % an object too many,
+# benchmarks/results/composition_errors_v2.md), and no RL teacher improved composition.
+SLOTS = {
+    0: (),
+    1: ((1, 1),),
+    2: ((0, 0), (2, 2)),
+    3: ((0, 0), (0, 2), (2, 1)),
+    4: ((0, 0), (0, 2), (2, 0), (2, 2)),
+}
+RELATION_SLOTS = {
+    'left': ((1, 0), (1, 2)),
+    'right': ((1, 2), (1, 0)),
+    'above': ((0, 1), (2, 1)),
+    'below': ((2, 1), (0, 1)),
+}
 
-  Objects sit in the cells of the CELL × CELL grid (the DiT's patch grid), and no two objects
-  are in neighbouring cells (diagonals included), so each object is its own connected component
-  even on a blurry sample. `relation` (i, j, rel) additionally requires object i to be `rel` of
-  object j by at least one cell (CELL pixels > the reward's 2-pixel threshold).
+
+def _place(num: int, relation: str | None) -> np.ndarray:
+  """Top-left pixel corners [num, 2] (y, x) of `num` objects: their layout's cells × CELL.
+
+  Args:
+    num: how many objects (0-4).
+    relation: for two objects of a position prompt, where object 0 is relative to object 1
+      (a key of RELATION_SLOTS); None for the count's own layout.
   """
-  n = IMAGE_SIZE // CELL
-  grid_y, grid_x = np.divmod(np.arange(n * n), n)
-  for _ in range(_MAX_PLACEMENT_TRIES):
-    cells = []
-    for k in range(num):
-      ok = np.ones(n * n, bool)
-      for py, px in cells:
-        ok &= np.maximum(np.abs(grid_y - py), np.abs(grid_x - px)) >= 2
-      if relation is not None and k == relation[1] and relation[0] < k:
-        ay, ax = cells[relation[0]]
-        # Object i must be `rel` of object j (this one), so j sits on the opposite side.
-        ok &= {'left': grid_x > ax, 'right': grid_x < ax, 'above': grid_y > ay,
-               'below': grid_y < ay}[relation[2]]
-      candidates = np.flatnonzero(ok)
-      if candidates.size == 0:
-        break
-      c = rng.choice(candidates)
-      cells.append((grid_y[c], grid_x[c]))
-    else:
-      return CELL * np.array(cells, np.int64).reshape(num, 2)
-  raise RuntimeError(f'could not place {num} objects (relation={relation})')
+  cells = RELATION_SLOTS[relation] if relation is not None else SLOTS[num]
+  if len(cells) != num:
+    raise ValueError(f'no layout for {num} objects with relation {relation!r}')
+  return CELL * np.array(cells, np.int64).reshape(num, 2)
 
 
-def _draw_objects(objects: Sequence[tuple[str, str]], relation: tuple[int, int, str] | None,
+def _draw_objects(objects: Sequence[tuple[str, str]], relation: str | None,
                   rng: np.random.Generator) -> np.ndarray:
   """Draws (colour, shape) objects on a neutral grey background; returns float32 [S, S, 3]."""
   grey = rng.uniform(0.2, 0.7)
   background = np.clip(grey + rng.uniform(-0.04, 0.04, 3), 0, 1)
   image = np.broadcast_to(background, (IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
-  corners = _place(len(objects), rng, relation)
+  corners = _place(len(objects), relation)
   size = sprites.OBJECT_SIZE
   for (color, shape), (y, x) in zip(objects, corners):
     rgb = np.clip(np.asarray(lexicon.COLORS[color]) + rng.uniform(-0.06, 0.06, 3), 0, 1)
@@ -108,8 +113,7 @@ def _instances(spec: grammar.CompositionSpec) -> list[tuple[str, str]]:
 def _composition(spec: grammar.CompositionSpec, rng: np.random.Generator,
                  corrupt: bool) -> np.ndarray:
   objects = _instances(spec)
-  # Instance indices of the two groups' (single) objects for a position prompt.
-  relation = (0, 1, spec.relation) if spec.kind == 'position' else None
+  relation = spec.relation if spec.kind == 'position' else None
   if corrupt:
     errors = ['color', 'shape']
     errors += {'single': ['missing'], 'counting': ['count'], 'two_object': ['missing'],
@@ -133,7 +137,7 @@ def _composition(spec: grammar.CompositionSpec, rng: np.random.Generator,
       wrong = [m for m in (n - 1, n + 1) if 1 <= m <= 4]
       objects = [objects[0]] * wrong[rng.integers(len(wrong))]
     else:  # 'relation': draw the mirrored arrangement
-      relation = (0, 1, lexicon.OPPOSITE_RELATION[spec.relation])
+      relation = lexicon.OPPOSITE_RELATION[spec.relation]
   return _draw_objects(objects, relation, rng)
 
 

@@ -59,11 +59,13 @@ PRETRAIN_SPLIT = 'pretrain'
 class MiniWorld(tfds.core.GeneratorBasedBuilder):
   """The mini world's prompt sets and (deliberately imperfect) pretraining pairs."""
 
-  VERSION = tfds.core.Version('2.0.0')
+  VERSION = tfds.core.Version('3.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.',
                    '1.1.0': 'Text is a left-aligned line; 3 × 4096 pretraining pairs.',
                    '2.0.0': 'Mini world v2: six glyphs, strings of 2-3, one text row; 4×4 '
-                            'objects in the cells of the patch grid; config `large`.'}
+                            'objects in the cells of the patch grid; config `large`.',
+                   '3.0.0': 'Mini world v3: one fixed object layout per count and per relation; '
+                            'relation phrases are one token.'}
   BUILDER_CONFIGS = [
       MiniWorldConfig(name='default', description='3 × 4096 pretraining pairs.'),
       MiniWorldConfig(name='large', pretrain_per_task=32768,

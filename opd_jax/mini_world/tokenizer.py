@@ -1,7 +1,9 @@
 """Word-level tokenizer of the mini world, with one token per glyph inside quotes.
 
 The vocabulary is fixed by the lexicon (no training): special tokens, the quote mark, every
-grammar word, then every glyph character. Each encoded prompt is wrapped as
+grammar word, then every glyph character. A relation phrase is one token (PHRASE_TOKENS: "on
+the left of" → `left`), so every composition prompt's second object sits at the same token
+positions whatever its relation. Each encoded prompt is wrapped as
 [BOS, tokens..., EOS] and right-padded with PAD_ID = 0, like CLIP's tokenizer, so the empty
 prompt "" (the CFG negative prompt, spec §2) still has two valid positions and attention over
 its mask is never empty.
@@ -23,8 +25,16 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = (TOKEN_IDS[t] for t in (PAD, UNK, BOS, EOS))
 VOCAB_SIZE = len(VOCAB)
 MAX_LEN = 16  # longest grammar prompt is 10 words + BOS + EOS = 12 tokens
 
-# A quoted span (each character becomes a token) or a run of non-space characters (one word).
-_PIECE = re.compile(r'"([^"]*)"|(\S+)')
+# Multi-word relation phrases and the one token each becomes (mini world v3). Measured on 10k-step
+# bases, composition strict accuracy on 128 train prompts: 0.141 with the fixed object layout
+# alone, 0.156 / 0.164 (two runs) with one-token relations as well (an exploratory measurement).
+PHRASE_TOKENS = {phrase: rel for rel, phrase in lexicon.RELATIONS.items() if ' ' in phrase}
+_TOKEN_PHRASES = {tok: phrase for phrase, tok in PHRASE_TOKENS.items()}
+
+# A quoted span (each character becomes a token), a relation phrase, or a run of non-space
+# characters (one word).
+_PIECE = re.compile(r'"([^"]*)"|(' + '|'.join(
+    r'(?<!\S)' + re.escape(p) + r'(?!\S)' for p in PHRASE_TOKENS) + r')|(\S+)')
 
 
 def tokenize(prompt: str) -> list[str]:
@@ -34,8 +44,10 @@ def tokenize(prompt: str) -> list[str]:
     prompt: any string; words outside the vocabulary map to UNK when encoded.
   """
   tokens = []
-  for quoted, word in _PIECE.findall(prompt):
-    if word:
+  for quoted, phrase, word in _PIECE.findall(prompt):
+    if phrase:
+      tokens.append(PHRASE_TOKENS[phrase])
+    elif word:
       tokens.append(word)
     else:
       tokens += [QUOTE, *quoted, QUOTE]
@@ -72,7 +84,8 @@ def decode(tokens: np.ndarray) -> list[str]:
     tokens: int [B, L] or [L] token ids.
 
   Returns:
-    B prompt strings (special tokens dropped; glyphs between quotes joined without spaces).
+    B prompt strings (special tokens dropped; glyphs between quotes joined without spaces;
+    relation tokens spelled out as their phrases).
   """
   tokens = np.atleast_2d(np.asarray(tokens))
   prompts = []
@@ -91,7 +104,7 @@ def decode(tokens: np.ndarray) -> list[str]:
       elif quoted is not None:
         quoted.append(tok)
       else:
-        words.append(tok)
+        words.append(_TOKEN_PHRASES.get(tok, tok))
     if quoted is not None:  # unterminated quote: keep what was read
       words.append('"' + ''.join(quoted))
     prompts.append(' '.join(words))
