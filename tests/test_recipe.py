@@ -86,6 +86,20 @@ def test_every_stage_is_validated_before_the_first_runs(tmp_path, field, value):
   assert os.listdir(tmp_path) == []
 
 
+def test_per_task_samples_may_name_tasks_the_run_leaves_out(tmp_path):
+  """configs/opd.py with fewer tasks (as benchmarks/teacher_settings.py runs it) still validates;
+  a name that is no task of the world does not."""
+  from opd_jax.recipe.mini_world import validate
+  c = get_config('smoke')
+  c.tasks = ('text',)
+  for other in ('composition', 'aesthetics'):
+    del c.teachers[other]
+  validate(c)
+  c.report.eval.task_samples_per_prompt.ocr = 2
+  with pytest.raises(ConfigError, match=r"task_samples_per_prompt: unknown task\(s\) \['ocr'\]"):
+    validate(c)
+
+
 def _evals(scores):
   return {name: {**{t: v for t, v in zip(TASKS, s)}, **{f'reward/{t}': v for t, v in
                                                         zip(TASKS, s)}}
