@@ -88,7 +88,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.report.curve_eval.batch_size = 32
   c.report.curve_points = 12                # probes per curve (every ⌈steps/12⌉), + step 0
   # The base's own CFG: the highest mean reward over the three tasks on train-split prompts
-  # among CFG 1-4 (benchmarks/results/mini_world_cfg.md; text alone peaks at 4).
+  # among CFG 1-4 (benchmarks/results/mini_world_cfg.md; composition and text alone peak at 4,
+  # aesthetics at 2).
   c.report.base_cfg_scale = 3.0
   c.report.grid_prompts = 8                 # columns of samples_<task>.png
 

@@ -2,9 +2,10 @@
 
     python -m opd_jax.main --config=configs/mini/pretrain.py --workdir=runs/pretrain
 
-Measured on the 2-core CPU (opd_jax/assets/mini_world_base.json): 830 s for 30000 steps of 32
-on 3 × 32768 pairs, final loss 0.051; at its CFG 3 the base scores composition_strict 0.33 /
-text 0.82 / aesthetics 0.72 on 128 train prompts per task (benchmarks/results/mini_world_cfg.md).
+Measured on the 2-core CPU (opd_jax/assets/mini_world_base.json, mini world v3): 685 s for 30000
+steps of 32 on 3 × 32768 pairs (11 min 30 s with the dataset build), final loss 0.040; at its
+CFG 3 the base scores composition_strict 0.375 / text 0.967 / aesthetics 0.748 on 128 train
+prompts per task (benchmarks/results/mini_world_cfg.md).
 Its data and length are what the text task needs: on 3 × 4096 pairs for 10000 steps (the first
 shipped base, 294 s) it scored 0.23 text on held-out prompts (about a fifth of its glyphs right,
 an exploratory measurement) and no RL teacher could improve its text.
