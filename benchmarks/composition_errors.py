@@ -8,9 +8,10 @@ every scale) on the first --max_prompts composition prompts of --split, --sample
 counts with the composition reward's own detector (opd_jax.rewards.composition.detect):
 - strict accuracy per prompt kind (single, counting, two_object, position);
 - detected minus named objects per sample (−2 or fewer … +3 or more): too few or too many;
-- objects the pretraining data never draws (render places objects in non-touching cells of the
-  patch grid): two detections in neighbouring cells (diagonals included), and blobs larger than
-  one object (more than OBJECT_SIZE² pixels: touching objects of one colour, merged);
+- objects the pretraining data never draws (render places objects in fixed, non-touching cells
+  of the patch grid: render.SLOTS): two detections in neighbouring cells (diagonals included),
+  and blobs larger than one object (more than OBJECT_SIZE² pixels: touching objects of one
+  colour, merged);
 - of those, named duplicates: more detections of a named (colour, shape) than the prompt asks
   for, two of them in neighbouring cells.
 Train split by default, so that no held-out prompt informs a choice; --out writes {out}.md/.json.

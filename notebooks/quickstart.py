@@ -115,8 +115,9 @@ plt.show()
 # %% [markdown]
 # ## The recipe's configuration
 # `configs/opd.py` is the main command's config: a config-as-code `ConfigDict` whose sections
-# are each stage's own config. Here: the shipped base, the three teachers (DiffusionNFT for
-# composition, GRPO-Guard for text and aesthetics), the OPD student and the report.
+# are each stage's own config. Here: the shipped base, the three GRPO-Guard teachers (the paper
+# trains its composition teacher with DiffusionNFT; configs/opd.py says why the mini world does
+# not), the OPD student and the report.
 
 # %%
 c = recipe_config.get_config()

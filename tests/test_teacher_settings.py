@@ -25,13 +25,17 @@ def test_candidate_overrides_become_the_teacher_config():
   assert t.trainer == 'grpo_guard' and t.train.num_steps == 7 and t.optimizer.lr == 3e-3
   assert isinstance(t.train.num_steps, int) and isinstance(t.optimizer.lr, float)
   # `trainer=` swaps the algorithm first; the other overrides apply to the new config.
-  c = teacher_settings.candidate_config('composition', 'trainer=grpo_guard,train.num_steps=5', 0)
-  assert c.teachers.composition.trainer == 'grpo_guard'
+  # (the algorithm's own defaults, not the recipe's settings of its teacher).
+  c = teacher_settings.candidate_config('composition', 'trainer=nft,train.num_steps=5', 0)
+  assert c.teachers.composition.trainer == 'nft'
   assert c.teachers.composition.data.tasks == ('composition',)
   assert c.teachers.composition.train.num_steps == 5
+  c = teacher_settings.candidate_config('composition', 'trainer=grpo_guard', 0)
+  assert c.teachers.composition.data.group_size == 8
   # The empty candidate is the recipe's own teacher.
   c = teacher_settings.candidate_config('composition', '', 0)
-  assert c.teachers.composition.trainer == 'nft'
+  assert c.teachers.composition.trainer == 'grpo_guard'
+  assert c.teachers.composition.data.group_size == 16
 
 
 def test_bad_overrides_fail_before_any_training():

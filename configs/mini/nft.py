@@ -1,4 +1,5 @@
-"""Mini world, stage 1: a DiffusionNFT LoRA teacher (the composition teacher, as in the paper).
+"""Mini world, stage 1: a DiffusionNFT LoRA teacher (the paper's composition teacher; on mini world
+v3 the recipe's is GRPO-Guard, configs/opd.py says why; cascade_rl.py runs NFT).
 
     python -m opd_jax.main --config=configs/mini/nft.py:composition --workdir=runs/nft \
         --config.base.path=runs/opd/pretrain/base

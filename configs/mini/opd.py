@@ -17,9 +17,9 @@ import ml_collections
 from configs import sections
 from configs.mini import common
 
-# Each teacher's own CFG: the NFT composition teacher is CFG-free, the GRPO ones use the base's
-# CFG 3 (the recipe reads them from the saved teachers).
-TEACHER_CFG = {'composition': 1.0, 'text': 3.0, 'aesthetics': 3.0}
+# Each teacher's own CFG: the recipe's GRPO-Guard teachers use the base's CFG 3 (the recipe reads
+# them from the saved teachers; a CFG-free NFT teacher would be 1).
+TEACHER_CFG = {'composition': 3.0, 'text': 3.0, 'aesthetics': 3.0}
 
 
 def teachers(source: str, cfg: dict) -> ml_collections.ConfigDict:

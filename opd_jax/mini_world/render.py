@@ -62,6 +62,8 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 # patch tokens did not coordinate where objects go (on the v2 base at CFG 3, 36 % of
 # composition samples held objects in neighbouring cells and 40 % an object too many,
 # benchmarks/results/composition_errors_v2.md), and no RL teacher improved composition.
+# The composition reward does not check the layout: any arrangement that satisfies the prompt
+# scores 1, as in GenEval.
 SLOTS = {
     0: (),
     1: ((1, 1),),
