@@ -87,8 +87,9 @@ def run(task: str, candidates: dict[str, str], seeds, max_prompts: int, workroot
         e.tasks = (task,)
         e.split = 'train'
         e.max_prompts = max_prompts
-        if samples_per_prompt:
+        if samples_per_prompt:   # for this task, over the report's own count of it too
           e.samples_per_prompt = samples_per_prompt
+          e.task_samples_per_prompt[task] = 0
         ev = evaluator(recipe, e)
         base = ev.scores(None, float(c.report.base_cfg_scale))[task]
       record = recipe.result(f'teacher_{task}')
