@@ -24,7 +24,7 @@
 # three, then the held-out report. Every step is the library's public API.
 #
 # **Hardware:** CPU by default (the full settings train for a few minutes on 2 cores: the main
-# command, which also trains the baselines, took 7.5-9 min; quick mode 100-180 s); JAX uses a
+# command, which also trains the baselines, took 8 min 37 s; quick mode 100-180 s); JAX uses a
 # GPU or TPU when the runtime has one. No downloads beyond pip.
 
 # %% [markdown]

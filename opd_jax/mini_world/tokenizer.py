@@ -23,7 +23,7 @@ VOCAB = (PAD, UNK, BOS, EOS, QUOTE) + lexicon.all_words() + tuple(lexicon.GLYPHS
 TOKEN_IDS = {tok: i for i, tok in enumerate(VOCAB)}
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = (TOKEN_IDS[t] for t in (PAD, UNK, BOS, EOS))
 VOCAB_SIZE = len(VOCAB)
-MAX_LEN = 16  # longest grammar prompt is 10 words + BOS + EOS = 12 tokens
+MAX_LEN = 16  # longest grammar prompt: 7 tokens (10 words) + BOS + EOS = 9
 
 # Multi-word relation phrases and the one token each becomes (mini world v3). Measured on 10k-step
 # bases, composition strict accuracy on 128 train prompts: 0.141 with the fixed object layout
