@@ -48,6 +48,20 @@ def test_composition_ground_truth_scores_one():
   np.testing.assert_array_equal(composition_strict(images, prompts), 1.0)
 
 
+def test_composition_reward_does_not_check_the_layout():
+  """The renderer's fixed layouts (render.SLOTS) are a property of the data, not of the reward:
+  objects anywhere that satisfy the prompt score 1, as in GenEval."""
+  from opd_jax.mini_world import lexicon
+  image = np.full((16, 16, 3), 0.45, np.float32)
+  for color, shape, (y, x) in [('red', 'square', (12, 0)), ('blue', 'circle', (0, 8))]:
+    image[y:y + 4, x:x + 4][sprites.SHAPE_MASKS[shape]] = lexicon.COLORS[color]
+  assert (12 // render.CELL, 0) not in render.RELATION_SLOTS['left']
+  prompts = ['a red square on the left of a blue circle', 'a red square below a blue circle',
+             'a red square and a blue circle']
+  images = np.repeat(image[None], len(prompts), 0)
+  np.testing.assert_array_equal(composition_strict(images, prompts), 1.0)
+
+
 def test_composition_robust_to_mild_blur_and_noise():
   prompts = grammar.prompt_set('composition', 'test')
   rng = np.random.default_rng(1)
