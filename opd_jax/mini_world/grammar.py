@@ -35,9 +35,9 @@ from opd_jax.mini_world import lexicon
 
 NUM_TRAIN = 384
 # Held-out prompts per task, and the most of any stratum held out. Composition holds out more
-# (mini world v3): its teacher's gain on 64 held-out prompts stayed within 4 SE (on train
-# prompts, z 3.6-4.0 over 128 prompts), and the SE falls as 1/√prompts; more samples per prompt
-# helped little (z 3.8 with 2, 4.0 with 4), its per-prompt gains vary that much.
+# (mini world v3): a GRPO-Guard teacher's gain on 128 train prompts stayed within 4 SE (z 3.6-4.0,
+# groups of 8, an exploratory measurement), and the SE falls as 1/√prompts; more samples per
+# prompt helped little there (z 3.8 with 2, 4.0 with 4), its per-prompt gains vary that much.
 NUM_TEST = {'composition': 256, 'text': 64, 'aesthetics': 64}
 MAX_TEST_FRACTION = {'composition': 0.5, 'text': 0.25, 'aesthetics': 0.25}
 SPLITS = ('train', 'test')
