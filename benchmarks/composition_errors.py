@@ -20,23 +20,21 @@ Train split by default, so that no held-out prompt informs a choice; --out write
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 
+import mini_world_cfg                              # noqa: E402
 from configs.mini import common                   # noqa: E402
 from opd_jax.eval.mini_world import Evaluator      # noqa: E402
-from opd_jax.mini_world import artifacts           # noqa: E402
 from opd_jax.mini_world import grammar             # noqa: E402
 from opd_jax.mini_world import lexicon             # noqa: E402
 from opd_jax.mini_world import render              # noqa: E402
-from opd_jax.mini_world import shipped_base        # noqa: E402
 from opd_jax.mini_world import sprites             # noqa: E402
 from opd_jax.rewards import composition            # noqa: E402
 
@@ -139,23 +137,18 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.max_prompts < 1 or args.samples < 1:
     p.error('--max_prompts and --samples must be >= 1')
-  base = artifacts.load_base(args.base_dir) if args.base_dir else shipped_base.load()[0]
-  adapter = artifacts.load_adapter(args.adapter) if args.adapter else None
+  base, adapter, model = mini_world_cfg.load_model(args.base_dir, args.adapter)
   rows = profiles(base, adapter, args.scales, split=args.split, max_prompts=args.max_prompts,
                   samples=args.samples, data_dir=args.data_dir,
                   dataset_config=args.dataset_config)
   meta = {'command': 'python benchmarks/composition_errors.py ' + ' '.join(argv or []),
-          'model': (args.base_dir or 'the shipped base') +
-                   (f' + {args.adapter}' if args.adapter else ''),
-          'split': args.split, 'max_prompts': args.max_prompts, 'samples': args.samples,
-          'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores'}
+          'model': model, 'split': args.split, 'max_prompts': args.max_prompts,
+          'samples': args.samples, 'machine': mini_world_cfg.machine()}
   text = markdown(rows, meta)
   print(text)
   if args.out:
-    with open(args.out + '.md', 'w') as f:
-      f.write(text)
-    with open(args.out + '.json', 'w') as f:
-      json.dump({'rows': {str(w): r for w, r in rows.items()}, 'meta': meta}, f, indent=2)
+    mini_world_cfg.write_results(args.out, text,
+                                 {'rows': {str(w): r for w, r in rows.items()}, 'meta': meta})
   return rows
 
 

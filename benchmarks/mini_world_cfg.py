@@ -27,6 +27,27 @@ from opd_jax.mini_world import artifacts                # noqa: E402
 from opd_jax.mini_world import shipped_base             # noqa: E402
 
 
+def load_model(base_dir: str | None, adapter_dir: str | None):
+  """(base, adapter or None, description) of the model a mini-world benchmark samples: the base
+  artifact at `base_dir` (default: the shipped base), plus the LoRA adapter at `adapter_dir`."""
+  base = artifacts.load_base(base_dir) if base_dir else shipped_base.load()[0]
+  adapter = artifacts.load_adapter(adapter_dir) if adapter_dir else None
+  return base, adapter, (base_dir or 'the shipped base') + (f' + {adapter_dir}' if adapter_dir
+                                                           else '')
+
+
+def machine() -> str:
+  return f'{platform.machine()}, {os.cpu_count()} CPU cores'
+
+
+def write_results(prefix: str, text: str, payload: dict) -> None:
+  """{prefix}.md (the markdown `text`) and {prefix}.json (`payload`)."""
+  with open(prefix + '.md', 'w') as f:
+    f.write(text)
+  with open(prefix + '.json', 'w') as f:
+    json.dump(payload, f, indent=2)
+
+
 def sweep(base: artifacts.BaseModel, adapter: artifacts.Adapter | None, scales, *, split: str,
           max_prompts: int, data_dir: str, dataset_config: str = 'default') -> dict:
   """Scores per scale: {'rows': {w: {task: score, 'mean_score': ...}}, 'best': {task: w}, ...}."""
@@ -72,23 +93,17 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.max_prompts < 1:
     p.error('--max_prompts must be >= 1')
-  base = (artifacts.load_base(args.base_dir) if args.base_dir else shipped_base.load()[0])
-  adapter = artifacts.load_adapter(args.adapter) if args.adapter else None
+  base, adapter, model = load_model(args.base_dir, args.adapter)
   result = sweep(base, adapter, args.scales, split=args.split, max_prompts=args.max_prompts,
                  data_dir=args.data_dir, dataset_config=args.dataset_config)
   meta = {'command': 'python benchmarks/mini_world_cfg.py ' + ' '.join(argv or []),
-          'model': (args.base_dir or 'the shipped base') +
-                   (f' + {args.adapter}' if args.adapter else ''),
-          'split': args.split, 'max_prompts': args.max_prompts,
-          'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores'}
+          'model': model, 'split': args.split, 'max_prompts': args.max_prompts,
+          'machine': machine()}
   text = markdown(result, meta)
   print(text)
   if args.out:
-    with open(args.out + '.md', 'w') as f:
-      f.write(text)
-    with open(args.out + '.json', 'w') as f:
-      json.dump({**result, 'rows': {str(w): r for w, r in result['rows'].items()},
-                 'meta': meta}, f, indent=2)
+    write_results(args.out, text, {**result, 'rows': {str(w): r for w, r in result['rows'].items()},
+                                   'meta': meta})
   return result
 
 
